@@ -1,0 +1,76 @@
+"""Scaled dot-product attention backends: "xla" (plain einsums, any device/dtype) and "cudnn" (fused kernel).
+
+Measured on an H200 (see ../shared/DESIGN.md): cuDNN causal attention is ~7-10x faster than XLA's, but it
+needs fp16/bf16 inputs and head_dim % 8 == 0 (<= 256), raises instead of falling back, and has no dropout.
+So "auto" picks cuDNN only where it is known to work and the XLA path stays the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from aigc_jax.errors import ConfigError
+
+
+def resolve_backend(name: str, dtype, head_dim: int, *, needs_mask: bool = False, dropout: bool = False) -> str:
+    """Maps "auto" to a backend that exists on this device for these inputs; validates explicit choices.
+
+    `needs_mask`: the call needs an arbitrary mask (left padding, KV cache); `dropout`: attention dropout is
+    active. cuDNN here only serves the plain causal, unmasked, dropout-free case (training and scoring on
+    packed sequences), which is where its speed matters.
+    """
+    dtype = jnp.dtype(dtype)
+    cudnn_ok = (
+        jax.default_backend() == "gpu"
+        and dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim % 8 == 0
+        and head_dim <= 256
+    )
+    if name == "auto":
+        return "cudnn" if cudnn_ok and not needs_mask and not dropout else "xla"
+    if name == "cudnn":
+        if not cudnn_ok:
+            raise ConfigError(
+                "attention=cudnn needs a CUDA GPU, dtype bfloat16/float16 and head_dim a multiple of 8 (<= 256); "
+                f"have backend={jax.default_backend()}, dtype={dtype.name}, head_dim={head_dim}. Use attention=auto"
+            )
+        # Masked/cached/dropout calls fall back to XLA: cuDNN has no dropout and decode is bandwidth-bound anyway.
+        return "xla" if needs_mask or dropout else "cudnn"
+    if name == "xla":
+        return "xla"
+    raise ConfigError(f"unknown attention backend {name!r}; use auto, xla or cudnn")
+
+
+def attention(
+    q_BxTxHxD: jax.Array,
+    k_BxSxHxD: jax.Array,
+    v_BxSxHxD: jax.Array,
+    mask_BxTxS: jax.Array | None,
+    *,
+    backend: str,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Softmax attention. `mask_BxTxS` True = may attend; None means plain causal with T == S."""
+    if backend == "cudnn":
+        assert mask_BxTxS is None and dropout_rate == 0.0
+        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, is_causal=True, implementation="cudnn")
+    return xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_BxTxS, dropout_rate, dropout_rng)
+
+
+def xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_BxTxS, dropout_rate=0.0, dropout_rng=None):
+    T, S, D = q_BxTxHxD.shape[1], k_BxSxHxD.shape[1], q_BxTxHxD.shape[-1]
+    if mask_BxTxS is None:
+        mask_BxTxS = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
+    # Scores and softmax in fp32 whatever the compute dtype: bf16 softmax loses too much for long contexts.
+    scores_BxHxTxS = jnp.einsum(
+        "bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD, preferred_element_type=jnp.float32
+    ) / jnp.sqrt(jnp.float32(D))
+    # A large finite negative (not -inf) so fully masked rows (left-padding queries) give a uniform, NaN-free softmax.
+    scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    if dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
+        probs_BxHxTxS = jnp.where(keep, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhts,bshd->bthd", probs_BxHxTxS.astype(v_BxSxHxD.dtype), v_BxSxHxD)

@@ -1,0 +1,238 @@
+"""Model configuration: one frozen dataclass, named presets, loading from files and `key=value` overrides.
+
+The override/file helpers (`from_dict`, `with_overrides`, `load_file`) work for any dataclass, so the
+training config reuses them instead of growing its own parser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import types
+import typing
+from typing import Any, TypeVar
+
+from aigc_jax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A GPT-2-family decoder. Field names follow HF's GPT2Config where one exists."""
+
+    vocab_size: int = 50257  # real token ids; logits for ids >= vocab_size are masked out
+    vocab_multiple: int = 128  # the embedding is padded to a multiple of this (50257 -> 50304): faster matmuls
+    n_positions: int = 1024  # context length (learned position embeddings)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # embedding and residual dropout (HF embd_pdrop / resid_pdrop)
+    attn_dropout: float = 0.0  # dropout on attention probabilities (HF attn_pdrop); forces the XLA backend in training
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_new"  # HF activation_function; GPT-2 uses the tanh approximation
+    dtype: str = "float32"  # compute dtype; params stay in param_dtype, logits and loss are always fp32
+    param_dtype: str = "float32"
+    attention: str = "auto"  # auto = cuDNN on GPU with bf16/fp16, XLA otherwise
+    scan_layers: bool = False  # nn.scan over blocks: flat compile time; params get a leading layer axis
+    remat: str = "none"  # rematerialize each block in the backward pass: none | full | dots | dots_no_batch
+
+    def __post_init__(self):
+        for name in ("vocab_size", "vocab_multiple", "n_positions", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_head={self.n_head} must divide model.n_embd={self.n_embd} "
+                f"(e.g. n_head={_nearest_divisor(self.n_embd, self.n_head)})"
+            )
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {value!r}")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"model.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.param_dtype", self.param_dtype, DTYPES)
+        _check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
+        _check_choice("model.remat", self.remat, REMAT_POLICIES)
+        _check_choice("model.activation", self.activation, ACTIVATIONS)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _nearest_divisor(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - k))
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The four OpenAI GPT-2 sizes (HF's GPT2Config defaults, with their layer/head/width).
+    "gpt2": ModelConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": ModelConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": ModelConfig(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": ModelConfig(n_layer=48, n_head=25, n_embd=1600),
+    # nanoGPT's shakespeare_char "baby GPT"; vocab_size is replaced by the tokenizer's at training time.
+    "baby": ModelConfig(
+        vocab_size=257, n_positions=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2, attn_dropout=0.2
+    ),
+    # For tests: compiles in about a second on a CPU.
+    "tiny": ModelConfig(vocab_size=257, n_positions=64, n_layer=2, n_head=2, n_embd=32),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic dataclass helpers: dict -> dataclass with type checks, "key=value" overrides, JSON/TOML files.
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Builds `cls` from a dict, rejecting unknown keys and values of the wrong type with one-line errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        section = prefix.rstrip(".") or cls.__name__
+        raise ConfigError(f"unknown {section} key(s) {', '.join(unknown)}; known keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
+    return cls(**values)
+
+
+def with_overrides(obj: T, overrides: dict[str, Any], prefix: str = "") -> T:
+    """`dataclasses.replace` with the same key and type checks as `from_dict`."""
+    merged = {**dataclasses.asdict(obj), **overrides}
+    return from_dict(type(obj), merged, prefix)
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """["a=1", "b.c=x"] -> {"a": "1", "b.c": "x"} (values stay strings; `from_dict` coerces them)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Reads a JSON or TOML config file into a dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        if path.endswith(".toml"):
+            import tomllib  # Python >= 3.11
+
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        with open(path) as f:
+            return json.load(f)
+    except ImportError:
+        raise ConfigError(f"{path}: TOML configs need Python >= 3.11; use JSON instead") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Converts `value` (possibly a string from the command line) to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in typing.get_args(tp):
+                return None
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(arg, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin in (tuple, list):
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return origin(_coerce(item_tp, v, name) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def model_config(
+    preset: str = "gpt2", file: str | None = None, overrides: dict[str, Any] | None = None
+) -> ModelConfig:
+    """Preset, then the file's "model" section (or the whole file), then overrides, in that order."""
+    config = get_preset(preset)
+    if file:
+        data = load_file(file)
+        # Either a whole-run file with a "model" section (and others, e.g. "train"), or bare model keys.
+        sections = {"model", "train", "data"}
+        section = data.get("model", {}) if sections & set(data) else data
+        config = with_overrides(config, section, "model.")
+    if overrides:
+        config = with_overrides(config, overrides, "model.")
+    return config

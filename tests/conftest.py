@@ -1,0 +1,62 @@
+"""Shared test helpers. Multi-device tests run in their own subprocess (see `run_script`), never here:
+forcing 8 host devices for the whole suite would slow every single-device test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def run_script(code: str, devices: int = 1, timeout: float = 600, env: dict | None = None, cwd=None):
+    """Runs Python `code` in a fresh process with `devices` fake CPU devices; returns its stdout's last JSON line."""
+    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_PLATFORMS": "cpu", **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """Runs `python -m aigc_jax ARGS…` and returns the completed process (never raises on failure)."""
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "aigc_jax", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """A user error: non-zero exit, one line on stderr, no traceback, naming what went wrong."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def shakespeare_path() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip("../shared/data/tinyshakespeare.txt is absent (only present beside the developers' checkout)")
+    return SHAKESPEARE
+
+
+def has_gpu() -> bool:
+    import jax
+
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+requires_gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")

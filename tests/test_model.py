@@ -1,0 +1,277 @@
+"""The decoder on its own: sizes, causality, KV-cache equivalence, dtypes, attention backends, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, requires_gpu, run_cli, run_script
+
+from aigc_jax import configs, model
+from aigc_jax.attention import resolve_backend, xla_attention
+from aigc_jax.errors import ConfigError
+
+# Jitted once per shape: eager op-by-op dispatch is ~10x slower on these tiny models.
+forward = jax.jit(model.forward, static_argnames=("config", "train"))
+TINY = configs.get_preset("tiny").replace(vocab_size=101, n_layer=3, n_head=4, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(TINY, jax.random.key(0))
+
+
+def rand_tokens(key, shape, vocab=TINY.vocab_size):
+    return jax.random.randint(jax.random.key(key), shape, 0, vocab)
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
+)
+def test_param_counts_equal_hf(name, expected):
+    cfg = configs.get_preset(name)
+    assert cfg.padded_vocab_size == 50304
+    assert model.param_count(cfg) == expected
+
+
+def test_small_preset_shapes():
+    baby = configs.get_preset("baby")
+    assert (baby.n_layer, baby.n_head, baby.n_embd, baby.n_positions, baby.dropout) == (6, 6, 384, 256, 0.2)
+    # Analytic count: embeddings + per layer (2 LN + qkv + proj + fc + proj) + final LN.
+    d, L, V, P = baby.n_embd, baby.n_layer, baby.vocab_size, baby.n_positions
+    per_layer = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    assert model.param_count(baby) == V * d + P * d + L * per_layer + 2 * d
+
+
+def test_flops_per_token_formula():
+    cfg = configs.get_preset("gpt2")
+    n = 124_439_808 - 1024 * 768
+    assert model.flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_init_follows_gpt2(params):
+    cfg = configs.get_preset("tiny").replace(n_layer=8, n_embd=256, n_head=4)
+    p = model.init_params(cfg, jax.random.key(1))
+    np.testing.assert_allclose(np.std(p["h_0"]["attn"]["c_attn"]["kernel"]), 0.02, rtol=0.05)
+    np.testing.assert_allclose(np.std(p["h_0"]["mlp"]["c_proj"]["kernel"]), 0.02 / np.sqrt(16), rtol=0.05)
+    np.testing.assert_allclose(np.std(p["h_0"]["attn"]["c_proj"]["kernel"]), 0.02 / np.sqrt(16), rtol=0.05)
+    assert not np.any(p["h_0"]["mlp"]["c_fc"]["bias"])
+    assert np.all(p["ln_f"]["scale"] == 1)
+    assert "lm_head" not in p  # tied to wte
+
+
+def test_causality(params):
+    tokens = rand_tokens(1, (2, 16))
+    base, _ = forward(params, tokens, TINY)
+    for t in (0, 7, 15):
+        changed = tokens.at[:, t].set((tokens[:, t] + 1) % TINY.vocab_size)
+        logits, _ = forward(params, changed, TINY)
+        np.testing.assert_array_equal(logits[:, :t], base[:, :t])
+        assert not np.allclose(logits[:, t:], base[:, t:])
+
+
+def test_cache_prefill_then_decode_equals_full_forward(params):
+    tokens = rand_tokens(2, (3, 20))
+    full, _ = forward(params, tokens, TINY)
+    cache = model.KVCache.init(TINY, 3, max_len=32)
+    logits, cache = forward(params, tokens[:, :8], TINY, cache=cache)
+    steps = [logits]
+    for t in range(8, 20):
+        logits, cache = forward(params, tokens[:, t : t + 1], TINY, cache=cache)
+        steps.append(logits)
+    assert int(cache.index) == 20
+    np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :101], full[..., :101], atol=1e-5, rtol=0)
+
+
+def test_left_padded_batch_matches_unpadded_rows(params):
+    lengths = [5, 9, 2]
+    T, new = max(lengths), 6
+    rows = [rand_tokens(10 + i, (1, n + new))[0] for i, n in enumerate(lengths)]
+    tokens = np.zeros((3, T), np.int32)
+    mask = np.zeros((3, T), bool)
+    for i, n in enumerate(lengths):
+        tokens[i, T - n :] = rows[i][:n]
+        mask[i, T - n :] = True
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    cache = model.KVCache.init(TINY, 3, max_len=T + new)
+    logits, cache = forward(params, tokens, TINY, positions_BxT=positions, cache=cache, mask_BxT=mask)
+    # Also the cache-free forward with the same mask gives the same prefill logits.
+    nocache, _ = forward(params, tokens, TINY, positions_BxT=positions, mask_BxT=mask)
+    np.testing.assert_allclose(nocache[mask], logits[mask], atol=1e-5)
+    per_step = [logits[:, -1]]
+    pos = positions[:, -1]
+    for s in range(new - 1):
+        pos = pos + 1
+        step_tokens = np.stack([rows[i][lengths[i] + s] for i in range(3)])[:, None]
+        out, cache = forward(params, step_tokens, TINY, positions_BxT=pos[:, None], cache=cache)
+        per_step.append(out[:, 0])
+    for i, n in enumerate(lengths):
+        ref, _ = forward(params, rows[i][None, : n + new - 1], TINY)
+        got = jnp.stack([step[i] for step in per_step])
+        np.testing.assert_allclose(got[:, :101], ref[0, n - 1 :, :101], atol=1e-5, rtol=0)
+
+
+def test_scan_layers_equals_unrolled(params):
+    scan_cfg = TINY.replace(scan_layers=True)
+    stacked = model.match_layout(params, scan_cfg)
+    assert stacked["h"]["attn"]["c_attn"]["kernel"].shape == (3, 32, 96)
+    tokens = rand_tokens(3, (2, 12))
+    a, _ = forward(params, tokens, TINY)
+    b, _ = forward(stacked, tokens, scan_cfg)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    cache = model.KVCache.init(scan_cfg, 2, 16)
+    c, cache = forward(stacked, tokens[:, :7], scan_cfg, cache=cache)
+    d, _ = forward(stacked, tokens[:, 7:], scan_cfg, cache=cache)
+    np.testing.assert_allclose(jnp.concatenate([c, d], 1), a, atol=1e-5)
+    back = model.match_layout(stacked, TINY)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), back, dict(params)))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_keeps_gradients(params, remat, scan):
+    tokens = rand_tokens(4, (2, 10))
+
+    def loss(p, cfg):
+        logits, _ = model.forward(p, tokens, cfg)
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    cfg = TINY.replace(scan_layers=scan)
+    p = model.match_layout(params, cfg)
+    ref = grad(p, cfg)
+    got = grad(p, cfg.replace(remat=remat))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, got)
+
+
+def test_padded_vocab_never_wins(params):
+    assert TINY.padded_vocab_size == 128
+    # Push the padded rows of the embedding to be huge: their logits must still be masked.
+    wte = params["wte"]["embedding"].at[101:].set(100.0)
+    p = {**params, "wte": {"embedding": wte}}
+    logits, _ = forward(p, rand_tokens(5, (4, 16)), TINY)
+    assert logits.shape[-1] == 128
+    assert np.all(np.asarray(jnp.argmax(logits, -1)) < 101)
+    assert np.all(logits[..., 101:] == jnp.finfo(jnp.float32).min)
+    assert np.all(np.isfinite(jax.nn.log_softmax(logits)))
+
+
+def test_bf16_compute_returns_fp32_logits(params):
+    cfg = TINY.replace(dtype="bfloat16")
+    tokens = rand_tokens(6, (2, 16))
+    logits, _ = forward(params, tokens, cfg)
+    ref, _ = forward(params, tokens, TINY)
+    assert logits.dtype == jnp.float32
+    assert params["wte"]["embedding"].dtype == jnp.float32
+    np.testing.assert_allclose(logits[..., :101], ref[..., :101], atol=0.05)
+    cache = model.KVCache.init(cfg, 2, 16)
+    assert cache.k.dtype == jnp.bfloat16
+    out, _ = forward(params, tokens, cfg, cache=cache)
+    assert out.dtype == jnp.float32
+
+
+def test_dropout_only_in_training(params):
+    cfg = TINY.replace(dropout=0.3, attn_dropout=0.3)
+    tokens = rand_tokens(7, (2, 16))
+    ref, _ = forward(params, tokens, TINY)
+    eval_logits, _ = forward(params, tokens, cfg)
+    np.testing.assert_array_equal(eval_logits, ref)
+    a, _ = forward(params, tokens, cfg, train=True, dropout_rng=jax.random.key(1))
+    b, _ = forward(params, tokens, cfg, train=True, dropout_rng=jax.random.key(1))
+    c, _ = forward(params, tokens, cfg, train=True, dropout_rng=jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c) and not np.allclose(a, ref)
+
+
+def test_auto_backend_exists_here():
+    backend = resolve_backend("auto", jnp.bfloat16, 64)
+    assert backend == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    assert resolve_backend("auto", jnp.float32, 64) == "xla"
+    assert resolve_backend("auto", jnp.bfloat16, 64, needs_mask=True) == "xla"
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ConfigError, match="cudnn needs a CUDA GPU"):
+            resolve_backend("cudnn", jnp.bfloat16, 64)
+    # The model runs with whatever "auto" resolved to, in both dtypes.
+    for dtype in ("float32", "bfloat16"):
+        cfg = TINY.replace(dtype=dtype, attention="auto", n_head=2)
+        p = model.init_params(cfg, jax.random.key(0))
+        logits, _ = forward(p, rand_tokens(8, (1, 8)), cfg)
+        assert np.all(np.isfinite(logits))
+
+
+def test_xla_attention_matches_jax_reference():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 8)) for i in range(3))
+    ours = xla_attention(q, k, v, None)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@requires_gpu
+def test_cudnn_matches_xla_attention_bf16():
+    cfg = configs.get_preset("gpt2").replace(n_layer=2, dtype="bfloat16")
+    p = model.init_params(cfg, jax.random.key(0))
+    tokens = rand_tokens(9, (4, 512), cfg.vocab_size)
+    xla, _ = jax.jit(lambda p, t: forward(p, t, cfg.replace(attention="xla")))(p, tokens)
+    cud, _ = jax.jit(lambda p, t: forward(p, t, cfg.replace(attention="cudnn")))(p, tokens)
+    q, k, v = (jax.random.normal(jax.random.key(i), (4, 1024, 12, 64), jnp.bfloat16) for i in range(3))
+    a = xla_attention(q, k, v, None).astype(jnp.float32)
+    b = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(jnp.float32)
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 1e-2
+    rel = float(jnp.linalg.norm(xla - cud) / jnp.linalg.norm(xla))
+    assert rel < 2e-2, rel
+
+
+# ---------------------------------------------------------------------------------------------------------- configs
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="n_head=5 must divide model.n_embd=32"):
+        TINY.replace(n_head=5)
+    with pytest.raises(ConfigError, match="unknown model key"):
+        configs.with_overrides(TINY, {"n_heads": 2}, "model.")
+    with pytest.raises(ConfigError, match="model.dtype must be one of"):
+        TINY.replace(dtype="float8")
+    with pytest.raises(ConfigError, match="model.n_layer must be an integer"):
+        configs.with_overrides(TINY, {"n_layer": "two"}, "model.")
+    with pytest.raises(ConfigError, match="dropout must be in"):
+        TINY.replace(dropout=1.5)
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        configs.get_preset("gpt5")
+    with pytest.raises(ConfigError, match="expects key=value"):
+        configs.parse_assignments(["n_layer"])
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"model": {"n_layer": 3, "dtype": "bfloat16"}}')
+    cfg = configs.model_config("tiny", str(path), configs.parse_assignments(["n_embd=64", "scan_layers=true"]))
+    assert (cfg.n_layer, cfg.dtype, cfg.n_embd, cfg.scan_layers) == (3, "bfloat16", 64, True)
+    toml = tmp_path / "c.toml"
+    toml.write_text("[model]\nn_layer = 4\n")
+    assert configs.model_config("tiny", str(toml)).n_layer == 4
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        configs.model_config("tiny", str(tmp_path / "bad.json"))
+
+
+def test_cli_config_errors_are_one_line(tmp_path):
+    assert_one_line_error(run_cli("info", "--model", "tiny", "--set", "n_head=3"), "must divide")
+    assert_one_line_error(run_cli("info", "--model", "nope"), "unknown model preset")
+    assert_one_line_error(run_cli("info", "--model", "tiny", "--set", "bogus=1"), "unknown model key")
+    assert_one_line_error(run_cli("info", "--config", str(tmp_path / "missing.json")), "does not exist")
+    proc = run_cli("info", "--model", "tiny", "--forward")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_import_does_not_pull_tensorflow_datasets():
+    out = run_script(
+        "import json, sys, importlib\n"
+        "import aigc_jax, aigc_jax.cli\n"
+        "for m in ['aigc_jax.train', 'aigc_jax.decode', 'aigc_jax.interop']:\n"
+        "    try: importlib.import_module(m)\n"
+        "    except ModuleNotFoundError as e:\n"
+        "        if e.name != m: raise\n"
+        "aigc_jax.cli.build_parser()\n"
+        "print(json.dumps({'tfds': 'tensorflow_datasets' in sys.modules, 'tf': 'tensorflow' in sys.modules}))"
+    )
+    assert out == {"tfds": False, "tf": False}
