@@ -27,7 +27,7 @@ PARAMS_FILE = "params.safetensors"
 
 def save_config(directory: str, config: configs.ModelConfig) -> None:
     os.makedirs(directory, exist_ok=True)
-    _atomic_write_text(os.path.join(directory, MODEL_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
+    atomic_write_text(os.path.join(directory, MODEL_FILE), json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def load_config(directory: str) -> configs.ModelConfig:
@@ -144,7 +144,7 @@ def load_any(src: str):
     return hf.load_hf_dir(src)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)

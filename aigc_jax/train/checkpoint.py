@@ -1,0 +1,118 @@
+"""Orbax checkpoints of a training workdir, and loading a workdir's latest weights for inference.
+
+Workdir layout:
+    model.json        ModelConfig            (aigc_jax/modeldir.py)
+    tokenizer.json    the tokenizer
+    run.json          TrainConfig + data source + init_from: a re-run must match it (see RESUMABLE_CHANGES)
+    checkpoints/<step>/{params, train_state, meta}   orbax, async, last K kept
+    metrics.jsonl     one JSON object per log/eval line
+
+`params` is its own item so inference restores weights without the optimizer state. `meta` holds the step
+and the data position; since the batch for step s is a pure function of (seed, s), the step is the position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from aigc_jax import modeldir
+from aigc_jax import tokenizers as tok
+from aigc_jax.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+RUN_FILE = "run.json"
+
+
+class Checkpoints:
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Dispatches an async save of the state at `step` (training continues while it writes)."""
+        rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train_state=ocp.args.StandardSave(rest),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(self, step: int, abstract_state):
+        """(state, meta) at `step`; `abstract_state` gives structure, dtypes and shardings."""
+        rest = {"step": abstract_state.step, "opt_state": abstract_state.opt_state, "rng": abstract_state.rng}
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state.params),
+                    train_state=ocp.args.StandardRestore(rest),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # orbax/tensorstore raise many types for unreadable or mismatched data
+            raise UserError(_corrupt_message(self.directory, step, e)) from None
+        ts = out.train_state
+        state = abstract_state.replace(step=ts["step"], params=out.params, opt_state=ts["opt_state"], rng=ts["rng"])
+        return state, out.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _corrupt_message(directory: str, step: int, error: Exception) -> str:
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (f"checkpoint {os.path.join(directory, str(step))} is unreadable or does not match this model "
+            f"({first}); delete that step directory to resume from an earlier one, or use a new --workdir")
+
+
+def load_inference(workdir: str, step: int | None = None):
+    """(ModelConfig, params, tokenizer) from a training workdir's latest (or given) checkpoint."""
+    from aigc_jax.model import init_params
+
+    config = modeldir.load_config(workdir)
+    directory = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(directory):
+        raise UserError(f"{workdir} has no checkpoints yet ({directory} is missing)")
+    manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"{workdir} has no finished checkpoint")
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    try:
+        params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))).params
+    except Exception as e:
+        raise UserError(_corrupt_message(directory, step, e)) from None
+    tokenizer = tok.load(workdir) if os.path.isfile(os.path.join(workdir, tok.FILE)) else None
+    return config, params, tokenizer
+
+
+def read_run_file(workdir: str) -> dict | None:
+    path = os.path.join(workdir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path} is corrupt ({e}); use a new --workdir") from None
+
+
+def write_run_file(workdir: str, run: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    modeldir.atomic_write_text(os.path.join(workdir, RUN_FILE), json.dumps(run, indent=2) + "\n")
