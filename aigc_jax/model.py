@@ -2,7 +2,7 @@
 
     tokens ─▶ wte + wpe ─▶ dropout ─▶ [ x + attn(ln_1(x)) ; x + mlp(ln_2(x)) ] × n_layer ─▶ ln_f ─▶ x·wteᵀ ─▶ logits
 
-It matches HF transformers' GPT2LMHeadModel given the same weights (tests/test_hf_parity.py): pre-LayerNorm
+It matches HF transformers' GPT2LMHeadModel given the same weights (tests/test_hf_interop.py): pre-LayerNorm
 blocks, tanh-GELU MLP, learned positions, LM head tied to the token embedding. Parameter names mirror HF's
 (`h_3/attn/c_attn/kernel` is HF's `h.3.attn.c_attn.weight`; HF's Conv1D already stores [in, out]).
 

@@ -40,10 +40,20 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        except Exception as e:  # tokenizers raises a bare Exception, e.g. a char vocabulary meeting a new character
+            raise UserError(f"cannot encode text: {e}{self._unknown_chars_hint(texts)}") from None
+
+    def _unknown_chars_hint(self, texts: Sequence[str]) -> str:
+        if not isinstance(self.hf.model, models.WordLevel):
+            return ""
+        unknown = sorted({c for t in texts for c in t} - set(self.hf.get_vocab()))
+        return f" (characters not in the vocabulary: {''.join(unknown[:20])!r})" if unknown else ""
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

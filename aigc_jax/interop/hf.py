@@ -1,0 +1,408 @@
+"""HF transformers GPT-2 <-> aigc_jax: config, weights and tokenizer, in both directions.
+
+Our parameter tree mirrors HF's module names (`h_3/attn/c_attn/kernel` is `transformer.h.3.attn.c_attn.weight`)
+and HF's Conv1D already stores weights as [in, out], the Flax kernel layout, so the mapping is a renaming plus:
+the token embedding is padded to `config.padded_vocab_size` rows (zeros on import, dropped on export) and the
+LM head is tied to it (HF's `lm_head.weight` is checked equal to the embedding, never stored separately).
+
+An HF directory is read from config.json plus model.safetensors, a sharded model.safetensors.index.json, or
+pytorch_model.bin. `.bin` files are pickles: they are opened only by `torch.load(weights_only=True)`, which
+refuses arbitrary objects, and never by anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+
+import numpy as np
+
+from aigc_jax import configs
+from aigc_jax import tokenizers as tok
+from aigc_jax.configs import ModelConfig
+from aigc_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
+
+# GPT2Config's defaults: HF writes config.json without the keys a model leaves at their default.
+_HF_DEFAULTS = {
+    "vocab_size": 50257,
+    "n_positions": 1024,
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "n_inner": None,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.1,
+    "embd_pdrop": 0.1,
+    "attn_pdrop": 0.1,
+    "layer_norm_epsilon": 1e-5,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "reorder_and_upcast_attn": False,
+    "tie_word_embeddings": True,
+    "add_cross_attention": False,
+}
+_ACTIVATION_ALIASES = {"swish": "silu"}
+# Non-persistent attention buffers that older transformers versions wrote into checkpoints.
+_IGNORED_KEY = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """A GPT2Config dict (config.json) -> ModelConfig; one-line UserError for anything we don't implement.
+
+    ModelConfig has a single `dropout` for the embedding and residual paths; when HF's `embd_pdrop` and
+    `resid_pdrop` differ, `resid_pdrop` wins (it is applied twice per layer, so it dominates training).
+    Dropout only matters for fine-tuning: inference is exact either way.
+    """
+    if d.get("model_type") != "gpt2":
+        raise UserError(
+            f"model_type is {d.get('model_type')!r}; only GPT-2 checkpoints (model_type 'gpt2') are supported"
+        )
+    c = {**_HF_DEFAULTS, **d}
+    unsupported = [
+        (c["scale_attn_by_inverse_layer_idx"], "scale_attn_by_inverse_layer_idx=true"),
+        (c["reorder_and_upcast_attn"], "reorder_and_upcast_attn=true"),
+        (not c["scale_attn_weights"], "scale_attn_weights=false"),
+        (c["n_inner"] is not None and c["n_inner"] != 4 * c["n_embd"], f"n_inner={c['n_inner']} (only 4*n_embd)"),
+        (not c["tie_word_embeddings"], "tie_word_embeddings=false (an untied LM head)"),
+        (c["add_cross_attention"], "add_cross_attention=true"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise UserError(f"{what} is not implemented by aigc_jax's GPT-2")
+    activation = _ACTIVATION_ALIASES.get(c["activation_function"], c["activation_function"])
+    if activation not in configs.ACTIVATIONS:
+        raise UserError(
+            f"activation_function {c['activation_function']!r} is not implemented; "
+            f"known: {', '.join(configs.ACTIVATIONS)}"
+        )
+    return configs.from_dict(
+        ModelConfig,
+        {
+            "vocab_size": c["vocab_size"],
+            "n_positions": c["n_positions"],
+            "n_layer": c["n_layer"],
+            "n_head": c["n_head"],
+            "n_embd": c["n_embd"],
+            "dropout": c["resid_pdrop"],
+            "attn_dropout": c["attn_pdrop"],
+            "layer_norm_epsilon": c["layer_norm_epsilon"],
+            "activation": activation,
+        },
+    )
+
+
+def config_to_hf(config: ModelConfig, eot_id: int | None = None, dtype: str = "float32") -> dict:
+    """The config.json that makes `GPT2LMHeadModel` compute what our Decoder computes."""
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_embd": config.n_embd,
+        "n_inner": None,
+        "activation_function": config.activation,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.attn_dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": dtype,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _hf_name(path: tuple[str, ...]) -> str:
+    """("h_3", "attn", "c_attn", "kernel") -> "h.3.attn.c_attn.weight" (without the "transformer." prefix)."""
+    *modules, leaf = path
+    modules = [f"h.{m[2:]}" if re.fullmatch(r"h_\d+", m) else m for m in modules]
+    return ".".join(modules + ["bias" if leaf == "bias" else "weight"])
+
+
+def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Our unrolled parameter paths and shapes, read off the model itself so the mapping cannot drift from it."""
+    import jax
+    from flax import traverse_util
+
+    from aigc_jax.model import init_params
+
+    tree = jax.eval_shape(lambda: init_params(config.replace(scan_layers=False), jax.random.key(0)))
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def params_from_hf(state: dict, config: ModelConfig):
+    """HF GPT-2 weights (names with or without "transformer.") -> params in the layout `config` asks for."""
+    from flax import traverse_util
+
+    from aigc_jax.model import match_layout
+
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    lm_head = state.pop("lm_head.weight", None)
+    param_dtype = _np_dtype(config.param_dtype)
+    flat = {}
+    for path, shape in _expected_shapes(config).items():
+        name = _hf_name(path)
+        if name not in state:
+            raise UserError(f"weight {name} is missing from the checkpoint (config.json says n_layer={config.n_layer})")
+        w = _to_numpy(state.pop(name))
+        want = (config.vocab_size, shape[1]) if path == ("wte", "embedding") else shape
+        if w.shape != want:
+            raise UserError(f"weight {name} has shape {w.shape}, config.json implies {want}")
+        if path == ("wte", "embedding"):
+            if lm_head is not None and not np.array_equal(_to_numpy(lm_head), w):
+                raise UserError("lm_head.weight differs from transformer.wte.weight: untied LM heads are not supported")
+            w = np.concatenate([w, np.zeros((shape[0] - w.shape[0], w.shape[1]), w.dtype)])
+        flat[path] = w.astype(param_dtype)
+    unexpected = sorted(k for k in state if not _IGNORED_KEY.search(k))
+    if unexpected:
+        raise UserError(
+            f"unexpected weight {unexpected[0]} in the checkpoint ({len(unexpected)} in all): "
+            "not a GPT2LMHeadModel matching config.json"
+        )
+    return match_layout(traverse_util.unflatten_dict(flat), config)
+
+
+def to_hf_state_dict(params, config: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Params (either layout) -> HF GPT2LMHeadModel state dict: "transformer." names, vocab padding dropped.
+
+    `lm_head.weight` is left out: it is tied to `transformer.wte.weight`, and HF's safetensors files store tied
+    weights once (transformers re-ties them on load).
+    """
+    from flax import traverse_util
+
+    from aigc_jax.model import match_layout
+
+    out_dtype = _np_dtype(dtype)
+    flat = traverse_util.flatten_dict(match_layout(params, config.replace(scan_layers=False)))
+    state = {}
+    for path, w in flat.items():
+        w = np.asarray(w)
+        if path == ("wte", "embedding"):
+            w = w[: config.vocab_size]
+        state["transformer." + _hf_name(path)] = np.ascontiguousarray(w.astype(out_dtype))
+    return state
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes  # a JAX dependency; numpy has no bfloat16 of its own
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _to_numpy(w) -> np.ndarray:
+    if hasattr(w, "detach"):  # a torch tensor; numpy cannot hold torch.bfloat16, so widen it first
+        w = w.detach().cpu()
+        return (w.float() if str(w.dtype) == "torch.bfloat16" else w).numpy()
+    return np.asarray(w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Directories
+
+
+def load_hf_dir(path: str | os.PathLike, dtype: str | None = None):
+    """(ModelConfig, params, Tokenizer or None) from a local HF GPT-2 directory.
+
+    `dtype` sets the compute dtype of the returned config (params stay in `param_dtype`, fp32).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise UserError(f"HF model directory {path} {what}")
+    config_path = os.path.join(path, CONFIG_FILE)
+    hf_config = _read_json(config_path)
+    try:
+        config = config_from_hf(hf_config)
+    except UserError as e:
+        raise UserError(f"{config_path}: {e}") from None
+    if dtype is not None:
+        config = configs.with_overrides(config, {"dtype": dtype}, "")
+    state, weights_path = _read_weights(path)
+    try:
+        params = params_from_hf(state, config)
+    except UserError as e:
+        raise UserError(f"{weights_path}: {e}") from None
+    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+    return config, params, tok.load(path) if has_tokenizer else None
+
+
+def save_hf_dir(path: str | os.PathLike, config: ModelConfig, params, tokenizer: tok.Tokenizer | None = None,
+                dtype: str = "float32") -> None:
+    """Writes a directory `GPT2LMHeadModel.from_pretrained` (and, with a tokenizer, `AutoTokenizer`) loads.
+
+    `dtype` is the storage dtype of the weights (float32, bfloat16 or float16).
+    """
+    from safetensors.numpy import save_file
+
+    if dtype not in configs.DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(configs.DTYPES)}; got {dtype!r}")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    # "format": "pt" is what transformers checks to accept a safetensors file as a PyTorch checkpoint.
+    save_file(to_hf_state_dict(params, config, dtype), os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})
+    written = {SAFETENSORS_FILE, CONFIG_FILE}
+    eot_id = tokenizer.eot_id if tokenizer is not None else None
+    _write_json(os.path.join(path, CONFIG_FILE), config_to_hf(config, eot_id, dtype))
+    if tokenizer is not None:
+        written |= _save_hf_tokenizer(path, tokenizer, config.n_positions)
+    # Files from an earlier export into this directory would shadow or contradict the new ones.
+    for stale in (TORCH_FILE, SAFETENSORS_INDEX, "tokenizer.json", "vocab.json", "merges.txt", "encoder.json",
+                  "vocab.bpe", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if stale not in written and os.path.isfile(os.path.join(path, stale)):
+            os.remove(os.path.join(path, stale))
+
+
+def _save_hf_tokenizer(path: str, tokenizer: tok.Tokenizer, max_length: int) -> set[str]:
+    """tokenizer.json, tokenizer_config.json and, for GPT-2-style byte-level BPE, vocab.json + merges.txt."""
+    from tokenizers import models, pre_tokenizers
+
+    written = {os.path.basename(tokenizer.save(path)), "tokenizer_config.json"}
+    pre = tokenizer.hf.pre_tokenizer
+    is_gpt2_bpe = (isinstance(tokenizer.hf.model, models.BPE) and isinstance(pre, pre_tokenizers.ByteLevel)
+                   and pre.use_regex and not pre.add_prefix_space)
+    if is_gpt2_bpe:
+        written |= {os.path.basename(f) for f in tokenizer.hf.model.save(path)}
+    eot = tokenizer.eot_token
+    _write_json(os.path.join(path, "tokenizer_config.json"), {
+        # GPT2Tokenizer rebuilds GPT-2's pipeline around the file's vocab and merges; anything else (byte_level's
+        # regex-free split, a character-level WordLevel model) must be taken verbatim from tokenizer.json.
+        "tokenizer_class": "GPT2Tokenizer" if is_gpt2_bpe else "PreTrainedTokenizerFast",
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+        "add_prefix_space": False,
+        "model_max_length": max_length,
+        "added_tokens_decoder": {
+            str(tokenizer.eot_id): {"content": eot, "lstrip": False, "normalized": False, "rstrip": False,
+                                    "single_word": False, "special": True},
+        },
+    })
+    return written
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: not an HF model directory") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is corrupt (expected a JSON object)")
+    return data
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _read_weights(directory: str) -> tuple[dict, str]:
+    """(name -> array, the file it came from), preferring safetensors over pickles."""
+    single = os.path.join(directory, SAFETENSORS_FILE)
+    if os.path.isfile(single):
+        return _read_safetensors(single), single
+    index = os.path.join(directory, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index} is corrupt (no weight_map)")
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_read_safetensors(os.path.join(directory, shard)))
+        return state, index
+    pickle = os.path.join(directory, TORCH_FILE)
+    if os.path.isfile(pickle):
+        return _read_torch(pickle), pickle
+    raise UserError(f"no weights in {directory}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {TORCH_FILE}")
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing")
+    try:
+        state = {}
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                if f.get_slice(name).get_dtype() == "BF16":
+                    state[name] = _read_bf16(path, name)
+                else:
+                    state[name] = f.get_tensor(name)
+        return state
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is corrupt ({_one_line(str(e))})") from None
+
+
+def _read_bf16(path: str, name: str) -> np.ndarray:
+    # safetensors' numpy backend cannot represent bfloat16; its Flax backend can (via ml_dtypes).
+    from safetensors import safe_open
+
+    with safe_open(path, framework="flax") as f:
+        return np.asarray(f.get_tensor(name))
+
+
+def _read_torch(path: str) -> dict:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{path} is a PyTorch pickle and torch is not installed: pip install torch, or convert it to "
+            f"{SAFETENSORS_FILE} (aigc_jax never unpickles without torch.load(weights_only=True))"
+        ) from None
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise, not the user's problem
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = _unpickler_reason(str(e))
+        raise UserError(
+            f"{path} holds more than tensors, and torch.load(weights_only=True) refused it ({reason}); "
+            f"re-save its state dict as {SAFETENSORS_FILE} where you trust it"
+        ) from None
+    except Exception as e:  # RuntimeError, EOFError, … for truncated or foreign files
+        raise UserError(f"{path} is corrupt ({_one_line(str(e))})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a state dict (got {type(state).__name__})")
+    return state
+
+
+def _one_line(message: str) -> str:
+    return next((line.strip() for line in message.splitlines() if line.strip()), "unknown error")
+
+
+def _unpickler_reason(message: str) -> str:
+    # torch wraps the reason in advice to retry with weights_only=False, i.e. to run the file's code: keep the reason.
+    boilerplate = ("Weights only load failed", "Check the documentation")
+    reasons = [line.strip().rpartition("WeightsUnpickler error:")[2].strip() for line in message.splitlines()
+               if line.strip() and not line.strip().startswith(boilerplate)]
+    return "; ".join(r for r in reasons if r) or "not a plain state dict"
