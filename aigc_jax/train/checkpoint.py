@@ -38,6 +38,7 @@ class Checkpoints:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Dispatches an async save of the state at `step` (training continues while it writes)."""
+        state = _global_arrays(state)
         rest = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         self.manager.save(
             step,
@@ -75,10 +76,35 @@ class Checkpoints:
         self.manager.close()
 
 
+def _global_arrays(tree):
+    """Multi-host pmap returns replicated outputs as per-process arrays; orbax needs global ones."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    from aigc_jax.parallel import make_mesh
+
+    mesh = make_mesh()
+    convert = lambda x: (multihost_utils.host_local_array_to_global_array(x, mesh, jax.sharding.PartitionSpec())
+                         if x.is_fully_addressable else x)
+    return jax.tree.map(convert, tree)
+
+
 def _corrupt_message(directory: str, step: int, error: Exception) -> str:
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return (f"checkpoint {os.path.join(directory, str(step))} is unreadable or does not match this model "
             f"({first}); delete that step directory to resume from an earlier one, or use a new --workdir")
+
+
+def latest_step(workdir: str) -> int | None:
+    """The newest finished checkpoint step, read from the directory alone (no orbax manager, no collective:
+    every process of a multi-host run can call it before they synchronise). Unfinished saves live in
+    temporary directories whose names are not plain integers, so they are never picked."""
+    directory = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
+    return max(steps) if steps else None
 
 
 def load_inference(workdir: str, step: int | None = None):
@@ -89,11 +115,14 @@ def load_inference(workdir: str, step: int | None = None):
     directory = os.path.join(workdir, CHECKPOINTS)
     if not os.path.isdir(directory):
         raise UserError(f"{workdir} has no checkpoints yet ({directory} is missing)")
-    manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
     step = manager.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{workdir} has no finished checkpoint")
-    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    # Restore onto this process's first device whatever topology saved it (e.g. 2 hosts × 4 devices).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
     try:
         params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))).params
     except Exception as e:

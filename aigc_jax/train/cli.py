@@ -8,6 +8,7 @@ import json
 import os
 
 from aigc_jax.cli import add_model_args
+from aigc_jax.data import add_data_args
 from aigc_jax.errors import ConfigError, UserError
 
 # Flag -> TrainConfig field, for the flags that mirror config keys (flags win over --config and --set).
@@ -21,7 +22,7 @@ _TRAIN_FLAGS = {
 def register(sub) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model; re-running the same command resumes it")
     add_model_args(p, default="baby")
-    _add_data_args(p)
+    add_data_args(p)
     p.add_argument("--workdir", required=True, help="run directory: config, tokenizer, checkpoints, metrics")
     for name, typ in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
@@ -46,12 +47,6 @@ def register(sub) -> None:
     d.add_argument("--workdir", default=os.path.join("runs", "demo"))
     d.add_argument("--steps", type=int, default=300)
     d.set_defaults(func=_demo)
-
-
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="default",
-                   help="default (embedded corpus) | PATH (text file, dir or glob) | FILE.jsonl (prompt/completion) | tfds:NAME")
-    p.add_argument("--data-dir", default=None, help="where tfds datasets and token caches live")
 
 
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:

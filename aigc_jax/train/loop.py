@@ -94,7 +94,7 @@ def prepare(
     previous = ckpt.read_run_file(workdir)
     if previous is not None:
         _check_same_run(workdir, previous, record)
-        resume_step = ckpt.Checkpoints(workdir, train_config.keep_checkpoints).latest_step()
+        resume_step = ckpt.latest_step(workdir)
     elif os.path.isdir(workdir) and os.listdir(workdir):
         raise UserError(f"--workdir {workdir} is not empty and holds no aigc_jax run; choose a new or empty directory")
     return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step)
@@ -140,6 +140,11 @@ def train(run: Run, log=print) -> dict:
     cfg, mcfg = run.train_config, run.model_config
     primary = jax.process_index() == 0
     mesh = parallel.make_mesh()
+    if jax.process_count() > 1:
+        # Every process has prepared (and so read the workdir) before the primary writes to it.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("aigc_jax:prepared")
     _write_run_files(run, primary)
 
     optimizer = optim.make(cfg)
