@@ -56,8 +56,12 @@ def prepare(
     data_dir: str | None = None,
     tokenizer_spec: str = "byte",
     init_from: str | None = None,
+    dataset: data.TokenData | None = None,
 ) -> Run:
-    """Validates the run against data, devices and an existing workdir. Writes nothing."""
+    """Validates the run against data, devices and an existing workdir. Writes nothing.
+
+    `dataset`: tokens already loaded (e.g. a bundle carried to a machine without tensorflow-datasets); it is used
+    instead of loading `data_source`, which then only names the data in run.json."""
     init = None
     if init_from:
         src_config, init, tokenizer = modeldir.load_any(init_from)
@@ -82,7 +86,8 @@ def prepare(
         raise UserError(f"--batch-size {train_config.batch_size} must be divisible by devices × grad_accum = "
                         f"{n_dev} × {train_config.grad_accum}")
 
-    dataset = data.load(data_source, tokenizer, data_dir=data_dir)
+    if dataset is None:
+        dataset = data.load(data_source, tokenizer, data_dir=data_dir)
     record = {
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
@@ -145,7 +150,6 @@ def train(run: Run, log=print) -> dict:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("aigc_jax:prepared")
-    _write_run_files(run, primary)
 
     optimizer = optim.make(cfg)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -159,6 +163,7 @@ def train(run: Run, log=print) -> dict:
         log(f"resumed from {checkpoints.directory}/{run.resume_step}")
     else:
         state = jax.jit(make_state, out_shardings=replicated)()
+    _write_run_files(run, primary)  # only now: a checkpoint that fails to restore leaves the workdir as it was
 
     step_fn = parallel.wrap(
         functools.partial(train_step, model_config=mcfg, train_config=cfg, optimizer=optimizer),
@@ -176,6 +181,7 @@ def train(run: Run, log=print) -> dict:
     bar = _progress(cfg, start, primary)
 
     last: dict = {}
+    saved = run.resume_step  # the step of the newest checkpoint on disk (or being written)
     pending = None  # (step, device metrics) of the step dispatched before the current one
     t_prev = time.perf_counter()
     batch = place(start) if start < cfg.steps else None
@@ -192,6 +198,7 @@ def train(run: Run, log=print) -> dict:
             done = step + 1
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoints.save(done, state, _meta(done, run))
+                saved = done
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 writer.write(done, "eval", evaluate(state.params))
             if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
@@ -201,7 +208,7 @@ def train(run: Run, log=print) -> dict:
         if pending is not None:
             last = _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar)
         final_step = pending[0] if pending else start
-        if final_step > start or run.resume_step is None:
+        if final_step != saved:
             checkpoints.save(final_step, state, _meta(final_step, run))
         checkpoints.wait()
         if stop.signum:
