@@ -31,15 +31,22 @@ def save_config(directory: str, config: configs.ModelConfig) -> None:
 
 
 def load_config(directory: str) -> configs.ModelConfig:
-    path = os.path.join(directory, MODEL_FILE)
+    data = read_json(os.path.join(directory, MODEL_FILE), f"{directory} is not an aigc_jax model dir or workdir")
+    return configs.from_dict(configs.ModelConfig, data, "model.")
+
+
+def read_json(path: str, missing_hint: str) -> dict:
+    """A JSON object from `path`, or a one-line UserError naming the file (missing, corrupt, not an object)."""
     try:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{path} is missing: {directory} is not an aigc_jax model dir or workdir") from None
-    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is missing: {missing_hint}") from None
+    except (ValueError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{path} is corrupt ({e})") from None
-    return configs.from_dict(configs.ModelConfig, data, "model.")
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is corrupt (expected a JSON object)")
+    return data
 
 
 def save_model_dir(directory: str, config: configs.ModelConfig, params, tokenizer: tok.Tokenizer | None) -> None:

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from aigc_jax import configs
+from aigc_jax import configs, modeldir
 from aigc_jax import tokenizers as tok
 from aigc_jax.configs import ModelConfig
 from aigc_jax.errors import UserError
@@ -307,16 +307,7 @@ def _save_hf_tokenizer(path: str, tokenizer: tok.Tokenizer, max_length: int) -> 
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: not an HF model directory") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is corrupt (expected a JSON object)")
-    return data
+    return modeldir.read_json(path, "not an HF model directory")
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -133,13 +133,7 @@ def load_inference(workdir: str, step: int | None = None):
 
 def read_run_file(workdir: str) -> dict | None:
     path = os.path.join(workdir, RUN_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path} is corrupt ({e}); use a new --workdir") from None
+    return modeldir.read_json(path, "not a training workdir") if os.path.isfile(path) else None
 
 
 def write_run_file(workdir: str, run: dict) -> None:
