@@ -139,12 +139,17 @@ class CausalSelfAttention(nn.Module):
         )
         new_kv = None
         if layer_kv is not None:
-            k_BxSxHxD, v_BxSxHxD = layer_kv
-            at = (0, cache_index, 0, 0)
-            k_BxSxHxD = lax.dynamic_update_slice(k_BxSxHxD, k_BxTxHxD.astype(k_BxSxHxD.dtype), at)
-            v_BxSxHxD = lax.dynamic_update_slice(v_BxSxHxD, v_BxTxHxD.astype(v_BxSxHxD.dtype), at)
-            new_kv = (k_BxSxHxD, v_BxSxHxD)
-            k_BxTxHxD, v_BxTxHxD = k_BxSxHxD.astype(q_BxTxHxD.dtype), v_BxSxHxD.astype(q_BxTxHxD.dtype)
+            # Either this layer's own [B,S,H,D] slices (nn.scan hands them out) or the whole [L,B,S,H,D]
+            # cache plus a layer index: writing into the whole cache in place avoids re-stacking (copying)
+            # every layer's keys and values on each decoded token.
+            k_cache, v_cache, layer = layer_kv if len(layer_kv) == 3 else (*layer_kv, None)
+            write = lambda cache, new: (
+                lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, cache_index, 0, 0)) if layer is None
+                else lax.dynamic_update_slice(cache, new.astype(cache.dtype)[None], (layer, 0, cache_index, 0, 0)))
+            k_cache, v_cache = write(k_cache, k_BxTxHxD), write(v_cache, v_BxTxHxD)
+            new_kv = (k_cache, v_cache)
+            read = lambda cache: (cache if layer is None else cache[layer]).astype(q_BxTxHxD.dtype)
+            k_BxTxHxD, v_BxTxHxD = read(k_cache), read(v_cache)
         rate = cfg.attn_dropout if self.train else 0.0
         o_BxTxHxD = attention(
             q_BxTxHxD,
@@ -223,15 +228,10 @@ class Decoder(nn.Module):
             )(cfg, backend, train, name="h")
             x_BxTxD, kv = blocks(x_BxTxD, kv, mask_BxTxS, start)
         else:
-            new_k, new_v = [], []
             for i in range(cfg.n_layer):
-                layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-                x_BxTxD, layer_kv = block_cls(cfg, backend, train, name=f"h_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start)
-                if layer_kv is not None:
-                    new_k.append(layer_kv[0])
-                    new_v.append(layer_kv[1])
-            if kv is not None:
-                kv = (jnp.stack(new_k), jnp.stack(new_v))
+                layer_kv = None if kv is None else (*kv, i)
+                x_BxTxD, new_kv = block_cls(cfg, backend, train, name=f"h_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start)
+                kv = kv if new_kv is None else new_kv
 
         x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
         # Tied LM head; fp32 accumulation and output even when activations are bf16.

@@ -60,8 +60,8 @@ def prepare(
 ) -> Run:
     """Validates the run against data, devices and an existing workdir. Writes nothing.
 
-    `dataset`: tokens already loaded (e.g. a bundle carried to a machine without tensorflow-datasets); it is used
-    instead of loading `data_source`, which then only names the data in run.json."""
+    `dataset`: tokens already loaded (e.g. tokenized by a script on a machine without tensorflow-datasets); it is
+    used instead of loading `data_source`, which then only names the data in run.json."""
     init = None
     if init_from:
         src_config, init, tokenizer = modeldir.load_any(init_from)
@@ -276,11 +276,14 @@ def _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar) -> 
 
 
 def _evaluate(params, run: Run, mesh, max_batches: int = 0) -> dict:
-    """Validation loss, perplexity and bits per byte over a fixed pass (the first `max_batches`, 0 = all)."""
+    """Validation loss, perplexity and bits per byte over a fixed pass (the first `max_batches`, 0 = all).
+
+    Batches are training micro-batches (batch_size / grad_accum rows): a recipe that accumulates gradients to fit
+    in memory would not fit a whole batch's logits at once."""
     cfg = run.train_config
     fn = _eval_fn(run.model_config, cfg.parallel, mesh)
     nll, count = 0.0, 0.0
-    batches = data.eval_batches(run.data.validation, cfg.seq_len, cfg.batch_size,
+    batches = data.eval_batches(run.data.validation, cfg.seq_len, cfg.batch_size // cfg.grad_accum,
                                 jax.process_index(), jax.process_count())
     for i, rows in enumerate(batches):
         if max_batches and i >= max_batches:
@@ -297,11 +300,13 @@ def _eval_fn(model_config, mode, mesh):
 
 
 def _log_samples(run: Run, params, step: int, writer, log) -> None:
-    try:
-        from aigc_jax.decode import sample_text
-    except ImportError:
-        return
-    texts = sample_text(run.model_config, params, run.tokenizer, n=2, max_new_tokens=min(200, run.model_config.n_positions - 1), seed=step)
+    """A couple of sampled continuations of an end-of-text prompt, written to metrics.jsonl and the log."""
+    from aigc_jax.api import LM
+
+    lm = LM(run.model_config, params, run.tokenizer)
+    n_new = min(128, run.model_config.n_positions - 16)
+    texts = [lm.generate(run.tokenizer.eot_token, max_new_tokens=n_new, temperature=0.8, top_k=40, seed=step + i)
+             for i in range(2)]
     for i, text in enumerate(texts):
         writer.write(step, "sample", {"index": i, "text": text})
         log(f"--- sample {i} at step {step} ---\n{text}")

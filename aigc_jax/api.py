@@ -1,0 +1,122 @@
+"""The notebook API: load a model, encode, generate, decode.
+
+    import aigc_jax.api as aj
+    lm = aj.load("path/to/gpt2")          # an HF GPT-2 dir, an aigc_jax model dir or training workdir
+    ids = lm.encode("Once upon a time")
+    print(lm.generate("Once upon a time", max_new_tokens=40, temperature=0))  # greedy; or top_k, top_p, num_beams
+    print(lm.decode(lm.generate_ids(ids, max_new_tokens=40, temperature=0)))
+
+`generate`/`generate_ids` take one prompt or a list (batched; left-padded on device) and the keyword arguments of
+`aigc_jax.decode.GenerationConfig` (HF `generate`'s names). EOS defaults to the tokenizer's `<|endoftext|>`.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Iterator, Sequence
+
+from aigc_jax import configs, model, modeldir
+from aigc_jax import tokenizers as tok
+from aigc_jax.decode import GenerationConfig, Generator
+from aigc_jax.errors import UserError
+
+# Config keys that change how the weights are run, not what they are: safe to override at load time.
+RUNTIME_KEYS = ("dtype", "attention", "scan_layers")
+
+
+class LM:
+    """A model, its tokenizer (or None) and a compiled `Generator`."""
+
+    def __init__(self, config: configs.ModelConfig, params, tokenizer: tok.Tokenizer | None, parallel: str = "none"):
+        self.config, self.tokenizer = config, tokenizer
+        self.generator = Generator(config, params, mode=parallel)
+
+    @property
+    def params(self):
+        return self.generator.params
+
+    def _tok(self) -> tok.Tokenizer:
+        if self.tokenizer is None:
+            raise UserError("this model has no tokenizer (no tokenizer.json/vocab.json beside it); use token ids")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok().encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok().decode(ids)
+
+    def config_for(self, **kwargs) -> GenerationConfig:
+        """A GenerationConfig from HF-style keyword arguments, EOS defaulting to the tokenizer's end-of-text."""
+        if "eos_ids" not in kwargs and self.tokenizer is not None:
+            kwargs["eos_ids"] = (self.tokenizer.eot_id,)
+        kwargs["eos_ids"] = tuple(kwargs.get("eos_ids", ()))
+        try:
+            return GenerationConfig(**kwargs)
+        except TypeError as e:
+            raise UserError(f"generate: {e}") from None
+
+    def _batch(self, prompts) -> tuple[list[list[int]], bool]:
+        """(token-id prompts, whether one prompt was given) for a str, a list of ids, or a list of either."""
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral))
+        items = [prompts] if single else list(prompts)
+        return [self.encode(p) if isinstance(p, str) else list(p) for p in items], single
+
+    def generate_ids(self, prompts, **kwargs):
+        """Generated ids (up to and including EOS) for one prompt, or a list for a list of prompts."""
+        ids, single = self._batch(prompts)
+        out = self.generator.generate(ids, self.config_for(**kwargs))
+        return out[0] if single else out
+
+    def generate(self, prompts, **kwargs):
+        """The generated continuation text (without the EOS) for one prompt, or a list for a list of prompts."""
+        gen = self.config_for(**kwargs)
+        ids, single = self._batch(prompts)
+        texts = [self.decode(self.strip_eos(o, gen.eos_ids)) for o in self.generator.generate(ids, gen)]
+        return texts[0] if single else texts
+
+    def stream(self, prompt: str | Sequence[int], chunk: int = 16, **kwargs) -> Iterator[str]:
+        """Yields the continuation of one prompt piece by piece, every `chunk` tokens."""
+        gen = self.config_for(**kwargs)
+        (ids,), _ = self._batch(prompt)
+        done: list[int] = []
+        shown = ""
+        for (new,) in self.generator.stream([ids], gen, chunk):
+            done += new
+            # Hold back a trailing partial UTF-8 character until its remaining bytes arrive.
+            stable = self.decode(self.strip_eos(done, gen.eos_ids)).rstrip("\ufffd")
+            if len(stable) > len(shown):
+                yield stable[len(shown):]
+                shown = stable
+        final = self.decode(self.strip_eos(done, gen.eos_ids))
+        if len(final) > len(shown):
+            yield final[len(shown):]
+
+    @staticmethod
+    def strip_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+        return list(ids[:-1]) if ids and ids[-1] in eos_ids else list(ids)
+
+
+def load(src: str, parallel: str = "none", overrides: dict | None = None) -> LM:
+    """An LM from a model dir, a training workdir, an HF GPT-2 dir, or a preset name (random weights, byte-level
+    tokenizer when the vocabulary is 257: for smoke tests and timing). `overrides`: RUNTIME_KEYS only."""
+    config, params, tokenizer = load_model(src)
+    if overrides:
+        unknown = sorted(set(overrides) - set(RUNTIME_KEYS))
+        if unknown:
+            allowed = ", ".join(RUNTIME_KEYS)
+            raise UserError(f"cannot override {', '.join(unknown)} of a trained model; allowed: {allowed}")
+        config = configs.with_overrides(config, overrides, "model.")
+    return LM(config, params, tokenizer, parallel)
+
+
+def load_model(src: str):
+    """(config, params, tokenizer or None) for anything `load` accepts."""
+    if not os.path.exists(src) and src in configs.PRESETS:
+        import jax
+
+        config = configs.get_preset(src)
+        tokenizer = tok.byte_level() if config.vocab_size == tok.byte_level().vocab_size else None
+        return config, model.init_params(config, jax.random.key(0)), tokenizer
+    return modeldir.load_any(src)

@@ -1,0 +1,140 @@
+"""Beam search, step for step HF transformers' (v5) `_beam_search`, as a pure state -> state function.
+
+Per prompt b, with nb = num_beams and K = max(2, 1 + n_eos) * nb:
+1. every running beam's log-softmax (EOS at -inf before min_new_tokens) is added to its running score; the top K
+   of the nb·V continuations are kept (K > nb so that nb of them are still running even if many hit EOS);
+2. a continuation "hits" if its token is an EOS or it is the last allowed token;
+3. the best nb continuations that did not hit become the running beams (the cache rows follow them);
+4. hits among the top nb continuations join the finished hypotheses with score
+   sum_logprob / generated_length ** length_penalty (generated_length includes the EOS); the best nb are kept;
+5. a prompt is done when `early_stopping=True` and nb hypotheses are finished, or when HF's heuristic says the best
+   running beam can no longer beat the worst finished one (at the current length, or with "never" and a positive
+   length_penalty at the maximal length).
+The answer is the best finished hypothesis; its tokens after the EOS are the pad id.
+-1e9 penalties are added exactly as HF adds them, so ties and near-ties resolve the same way.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from aigc_jax.decode.config import Strategy
+from aigc_jax.decode.sampling import Knobs, suppress_eos
+from aigc_jax.model import KVCache
+
+PENALTY = -1.0e9
+
+
+@flax.struct.dataclass
+class BeamState:
+    cache: KVCache  # batch B*nb, beam-major within a prompt (row b*nb + j is beam j of prompt b)
+    next_pos_R: jax.Array  # [B*nb] position at which the latest token is fed
+    running_BxNbxN: jax.Array  # [B, nb, N] generated ids of the running beams (pad beyond `step`)
+    running_scores_BxNb: jax.Array  # [B, nb] summed log-probs, best first
+    finished_BxNbxN: jax.Array  # [B, nb, N] the best finished hypotheses
+    finished_scores_BxNb: jax.Array  # [B, nb] their length-penalised scores, best first (-1e9 = empty slot)
+    is_finished_BxNb: jax.Array  # [B, nb] bool: slot holds a real hypothesis
+    improvable_B: jax.Array  # [B] bool: HF's is_early_stop_heuristic_unsatisfied
+    step: jax.Array  # [] tokens generated so far
+
+
+def init(cache: KVCache, logits_BxV, next_pos_B, row_ids_B, knobs: Knobs, strategy: Strategy, n_tokens: int):
+    """State after the prefill of B prompts; selects the first token. Filler rows (row_id < 0) start done."""
+    nb = strategy.num_beams
+    B = logits_BxV.shape[0]
+    rows_R = jnp.repeat(jnp.arange(B), nb)
+    # Beams 1.. start at -1e9 so that the first step expands only beam 0 (all beams are the same prompt).
+    scores_BxNb = jnp.where(jnp.arange(nb) == 0, 0.0, PENALTY) * jnp.ones((B, 1), jnp.float32)
+    tokens = jnp.full((B, nb, n_tokens), knobs.pad_id, jnp.int32)
+    state = BeamState(
+        cache=cache.gather(rows_R),
+        next_pos_R=next_pos_B[rows_R],
+        running_BxNbxN=tokens,
+        running_scores_BxNb=scores_BxNb,
+        finished_BxNbxN=tokens,
+        finished_scores_BxNb=jnp.full((B, nb), PENALTY, jnp.float32),
+        is_finished_BxNb=jnp.zeros((B, nb), bool),
+        improvable_B=row_ids_B >= 0,
+        step=jnp.zeros((), jnp.int32),
+    )
+    return select(state, logits_BxV[rows_R], knobs, strategy)
+
+
+def last_tokens(state: BeamState) -> jax.Array:
+    """[B*nb] the ids to feed next: each running beam's latest token."""
+    B, nb, _ = state.running_BxNbxN.shape
+    col = lax.dynamic_slice_in_dim(state.running_BxNbxN, state.step - 1, 1, axis=2)
+    return col.reshape(B * nb)
+
+
+def done(state: BeamState, knobs: Knobs) -> jax.Array:
+    full_B = jnp.all(state.is_finished_BxNb, axis=-1) & knobs.early_stopping_true
+    return ~state.improvable_B | full_B
+
+
+def result(state: BeamState):
+    """(tokens_BxN of the best hypothesis, its score)."""
+    return state.finished_BxNbxN[:, 0], state.finished_scores_BxNb[:, 0]
+
+
+def _gather(x_BxK, idx_BxJ):
+    """x[b, idx[b, j]] along axis 1, trailing axes carried along."""
+    idx = idx_BxJ.reshape(idx_BxJ.shape + (1,) * (x_BxK.ndim - 2))
+    return jnp.take_along_axis(x_BxK, idx, axis=1)
+
+
+def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> BeamState:
+    B, nb, N = state.running_BxNbxN.shape
+    V = logits_RxV.shape[-1]
+    K = max(2, 1 + strategy.n_eos) * nb
+    t = state.step
+
+    log_probs_RxV = suppress_eos(jax.nn.log_softmax(logits_RxV, axis=-1), knobs.eos_ids, t < knobs.min_new_tokens)
+    acc_BxNbxV = log_probs_RxV.reshape(B, nb, V) + state.running_scores_BxNb[:, :, None]
+    top_scores_BxK, top_idx_BxK = lax.top_k(acc_BxNbxV.reshape(B, nb * V), K)
+    src_BxK, tok_BxK = top_idx_BxK // V, (top_idx_BxK % V).astype(jnp.int32)
+    top_tokens_BxKxN = _gather(state.running_BxNbxN, src_BxK)
+    top_tokens_BxKxN = lax.dynamic_update_slice_in_dim(top_tokens_BxKxN, tok_BxK[:, :, None], t, axis=2)
+    hits_BxK = jnp.isin(tok_BxK, knobs.eos_ids) | (t + 1 >= knobs.max_new_tokens)
+
+    # 3. The running beams of the next step: the best nb continuations that did not hit.
+    running_scores_BxK = top_scores_BxK + hits_BxK.astype(jnp.float32) * PENALTY
+    running_scores_BxNb, keep_BxNb = lax.top_k(running_scores_BxK, nb)
+    running_BxNbxN = _gather(top_tokens_BxKxN, keep_BxNb)
+    parent_BxNb = _gather(src_BxK, keep_BxNb)
+
+    # 4. Finished hypotheses, merged with the best so far.
+    just_finished_BxK = hits_BxK & (jnp.arange(K) < nb)
+    cand_BxK = top_scores_BxK / knobs.length_norm[t + 1]
+    full_B = jnp.all(state.is_finished_BxNb, axis=-1) & knobs.early_stopping_true
+    cand_BxK = cand_BxK + full_B[:, None].astype(jnp.float32) * PENALTY
+    cand_BxK = cand_BxK + (~state.improvable_B)[:, None].astype(jnp.float32) * PENALTY
+    cand_BxK = cand_BxK + (~just_finished_BxK).astype(jnp.float32) * PENALTY
+    merged_scores = jnp.concatenate([state.finished_scores_BxNb, cand_BxK], axis=1)
+    finished_scores_BxNb, best_BxNb = lax.top_k(merged_scores, nb)
+    finished_BxNbxN = _gather(jnp.concatenate([state.finished_BxNbxN, top_tokens_BxKxN], axis=1), best_BxNb)
+    is_finished_BxNb = _gather(jnp.concatenate([state.is_finished_BxNb, just_finished_BxK], axis=1), best_BxNb)
+
+    # 5. HF's early-stop heuristic, evaluated with the new length t + 1.
+    use_max_len = knobs.early_stopping_never & (knobs.length_penalty > 0)
+    best_len = jnp.where(use_max_len, knobs.max_new_tokens, t + 1)
+    best_running_B = running_scores_BxNb[:, 0] / knobs.length_norm[best_len]
+    worst_finished_BxNb = jnp.where(
+        is_finished_BxNb, jnp.min(finished_scores_BxNb, axis=1, keepdims=True), PENALTY
+    )
+    improvable_B = state.improvable_B & jnp.any(best_running_B[:, None] > worst_finished_BxNb, axis=1)
+
+    rows_R = (jnp.arange(B)[:, None] * nb + parent_BxNb).reshape(B * nb)
+    return state.replace(
+        cache=state.cache.gather(rows_R),
+        running_BxNbxN=running_BxNbxN,
+        running_scores_BxNb=running_scores_BxNb,
+        finished_BxNbxN=finished_BxNbxN,
+        finished_scores_BxNb=finished_scores_BxNb,
+        is_finished_BxNb=is_finished_BxNb,
+        improvable_B=improvable_B,
+        step=t + 1,
+    )

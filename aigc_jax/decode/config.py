@@ -1,0 +1,132 @@
+"""What to generate (`GenerationConfig`, checked with one-line errors) and the shape buckets that bound recompiles.
+
+Buckets (so a new prompt or a new max_new_tokens rarely recompiles):
+
+- prompt length P: the longest prompt of the batch, rounded up to a power of two, at least 16, at most n_positions;
+  shorter prompts are left-padded.
+- new tokens N (the token buffer and loop bound): max_new_tokens rounded up the same way; the loop stops at the
+  traced max_new_tokens, so every value in a bucket shares one executable.
+- KV-cache slots S = P + N. Slots are not positions (positions come from the padding mask), so S may exceed
+  n_positions without harm.
+- batch: rounded up to a power of two, then to a multiple of the device count; filler rows start finished.
+
+One executable per (strategy, batch bucket, P, N): e.g. prompts of 1..16 tokens with 1..16 new tokens all share one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from aigc_jax.errors import UserError
+
+EarlyStopping = bool | Literal["never"]
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """The knobs of HF's `generate`, with the same meaning. temperature=0 is greedy; num_beams>1 is beam search.
+
+    Defaults differ from HF's in two places: sampling (temperature 1) rather than greedy, and top_k off (HF
+    samples with top_k=50 unless told otherwise). Pass top_k=50 to reproduce HF's default sampling.
+    """
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0  # EOS ids are suppressed until this many tokens were generated
+    temperature: float = 1.0  # 0 = greedy (argmax); > 0 = sampling
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = sum of log-probs / generated_length ** length_penalty
+    early_stopping: EarlyStopping = False  # beam search: True, False or "never", as in HF
+    eos_ids: tuple[int, ...] = ()  # a row finishes at any of these; () = never
+    pad_id: int | None = None  # emitted by finished rows; default eos_ids[0] (HF with pad_token_id=eos), else 0
+    seed: int = 0
+
+    def replace(self, **changes) -> "GenerationConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def pad(self) -> int:
+        if self.pad_id is not None:
+            return self.pad_id
+        return self.eos_ids[0] if self.eos_ids else 0
+
+    def check(self, n_positions: int, vocab_size: int, prompt_lengths: list[int] | None = None) -> None:
+        """Raises a one-line UserError naming the flag for anything HF's generate would also reject."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise UserError(f"--min-new-tokens must be a non-negative integer, got {self.min_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise UserError(f"--top-k must be a non-negative integer (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            raise UserError(f"--num-beams must be an integer >= 1, got {self.num_beams!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise UserError(f"--early-stopping must be true, false or never, got {self.early_stopping!r}")
+        if self.num_beams > 1 and (self.top_k or self.top_p < 1 or self.temperature not in (0, 1)):
+            raise UserError("beam sampling is not supported: with --num-beams > 1 drop --temperature/--top-k/--top-p")
+        for name, ids in (("eos id", self.eos_ids), ("pad id", () if self.pad_id is None else (self.pad_id,))):
+            bad = [i for i in ids if not _is_int(i) or not 0 <= i < vocab_size]
+            if bad:
+                raise UserError(f"{name} {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+        for i, n in enumerate(prompt_lengths or []):
+            if n == 0:
+                raise UserError(f"prompt {i} is empty: give at least one token of text")
+            if n + self.max_new_tokens > n_positions:
+                raise UserError(
+                    f"prompt {i} has {n} tokens; with --max-new-tokens {self.max_new_tokens} that exceeds the "
+                    f"model's context of {n_positions} tokens (use at most {max(n_positions - n, 0)} new tokens)"
+                )
+
+    @property
+    def strategy_kind(self) -> str:
+        if self.num_beams > 1:
+            return "beam"
+        return "greedy" if self.temperature == 0 else "sample"
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """The static (compile-time) part of a GenerationConfig; everything numeric travels as traced `Knobs`."""
+
+    kind: str  # "greedy" | "sample" | "beam"
+    n_eos: int = 1
+    use_top_k: bool = False
+    use_top_p: bool = False
+    num_beams: int = 1
+
+    @classmethod
+    def of(cls, gen: GenerationConfig) -> "Strategy":
+        kind = gen.strategy_kind
+        return cls(
+            kind=kind,
+            n_eos=max(1, len(gen.eos_ids)),  # see make_knobs: no EOS is encoded as one impossible id
+            use_top_k=kind == "sample" and gen.top_k > 0,
+            use_top_p=kind == "sample" and gen.top_p < 1,
+            num_beams=gen.num_beams if kind == "beam" else 1,
+        )
+
+
+def bucket(n: int, limit: int | None = None) -> int:
+    """n rounded up to a power of two, at least MIN_BUCKET, at most `limit` (but never below n)."""
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return max(n, min(b, limit)) if limit else b
+
+
+def batch_bucket(n: int, n_devices: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return -(-b // n_devices) * n_devices
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
