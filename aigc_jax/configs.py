@@ -36,6 +36,7 @@ class ModelConfig:
     attn_dropout: float = 0.0  # dropout on attention probabilities (HF attn_pdrop); forces the XLA backend in training
     layer_norm_epsilon: float = 1e-5
     activation: str = "gelu_new"  # HF activation_function; GPT-2 uses the tanh approximation
+    bias: bool = True  # biases in Dense and LayerNorm layers (GPT-2: True; nanoGPT's shakespeare_char: False)
     dtype: str = "float32"  # compute dtype; params stay in param_dtype, logits and loss are always fp32
     param_dtype: str = "float32"
     attention: str = "auto"  # auto = cuDNN on GPU with bf16/fp16, XLA otherwise

@@ -82,6 +82,7 @@ class KVCache:
 def _dense(config: ModelConfig, features: int, name: str, std: float = 0.02) -> nn.Dense:
     return nn.Dense(
         features,
+        use_bias=config.bias,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
         kernel_init=nn.initializers.normal(std),
@@ -98,6 +99,7 @@ def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
     # Flax computes LayerNorm statistics in fp32 even for bf16 inputs.
     return nn.LayerNorm(
         epsilon=config.layer_norm_epsilon,
+        use_bias=config.bias,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
         name=name,

@@ -185,3 +185,33 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
     with pytest.raises(UserError, match=message):
         data.load(str(path), tokenizers.byte_level(), data_dir=tmp_path / "d")
     assert not list((tmp_path / "d").rglob("meta.json"))  # nothing cached from a malformed file
+
+
+def test_shift_windows_moves_each_later_epoch_and_keeps_epochs_without_replacement():
+    T, B = 8, 4
+    tokens = np.arange(203, dtype=np.uint16)  # token value = its position, so a row tells where it starts
+    plain = data.Batches(tokens, T, B, seed=3)
+    shifted = data.Batches(tokens, T, B, seed=3, shift_windows=True)
+    assert shifted.num_rows == plain.num_rows - 1  # one window per epoch makes room for the shift
+    n = shifted.num_rows
+    starts_by_epoch: dict[int, list[int]] = {}
+    for step in range(6 * n // B):
+        batch = shifted.batch(step)
+        np.testing.assert_array_equal(batch["tokens"][:, 1:] - batch["tokens"][:, :-1], 1)  # contiguous windows
+        for g, start in zip(range(step * B, step * B + B), batch["tokens"][:, 0]):
+            starts_by_epoch.setdefault(g // n, []).append(int(start))
+    shifts = set()
+    for epoch, starts in starts_by_epoch.items():
+        if len(starts) < n:
+            continue
+        offsets = {s % T for s in starts}
+        assert len(offsets) == 1 and len(set(starts)) == n  # one alignment per epoch, no window twice
+        assert max(starts) + T < len(tokens)
+        shifts |= offsets
+        if epoch == 0:  # epoch 0 is exactly the unshifted order
+            assert offsets == {0}
+    assert len(shifts) > 2  # later epochs really use other alignments
+    # Still a pure function of the step: a fresh sampler (a resumed run) gives the same batches.
+    again = data.Batches(tokens, T, B, seed=3, shift_windows=True)
+    for step in (0, 7, 40):
+        np.testing.assert_array_equal(again.batch(step)["tokens"], shifted.batch(step)["tokens"])

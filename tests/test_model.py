@@ -8,7 +8,7 @@ from conftest import assert_one_line_error, requires_gpu, run_cli, run_script
 
 from aigc_jax import configs, model
 from aigc_jax.attention import resolve_backend, xla_attention
-from aigc_jax.errors import ConfigError
+from aigc_jax.errors import ConfigError, UserError
 
 # Jitted once per shape: eager op-by-op dispatch is ~10x slower on these tiny models.
 forward = jax.jit(model.forward, static_argnames=("config", "train"))
@@ -275,3 +275,15 @@ def test_import_does_not_pull_tensorflow_datasets():
         "print(json.dumps({'tfds': 'tensorflow_datasets' in sys.modules, 'tf': 'tensorflow' in sys.modules}))"
     )
     assert out == {"tfds": False, "tf": False}
+
+
+def test_bias_free_variant_matches_nanogpt_size():
+    """nanoGPT's shakespeare_char model has no biases: 10.65M parameters without position embeddings."""
+    cfg = configs.get_preset("baby").replace(vocab_size=65, bias=False)
+    assert model.param_count(cfg) - cfg.n_positions * cfg.n_embd == 10_646_784
+    p = model.init_params(cfg.replace(n_layer=1), jax.random.key(0))
+    assert "bias" not in p["h_0"]["attn"]["c_attn"] and "bias" not in p["ln_f"]
+    with pytest.raises(UserError, match="no biases"):
+        from aigc_jax.interop import hf
+
+        hf.to_hf_state_dict(p, cfg.replace(n_layer=1))

@@ -4,6 +4,8 @@ Rows. Text: window i is tokens[i*T : i*T + T + 1] (stride T, so every token but 
 exactly once; windows span document boundaries, with EOT between documents, as in GPT-2). Examples: row i
 is example i, right-padded with zeros to T + 1.
 
+With `shift_windows`, epoch e > 0 moves every window a seeded 0..T-1 tokens later (see `_Windows`).
+
 Order. Global sample g = s * global_batch + j (j < global_batch) is row perm_e[g mod n] of epoch
 e = g div n, where perm_e is a seeded permutation of the n rows: no row repeats within an epoch, and
 resuming at step s needs no iterator state. Process p takes the contiguous slice
@@ -28,20 +30,24 @@ Batch = dict[str, np.ndarray]
 
 
 class _Windows:
-    """Fixed windows over a flat token stream (a memmap stays a memmap: only gathered rows are read)."""
+    """Windows over a flat token stream (a memmap stays a memmap: only gathered rows are read).
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, split: str):
+    With `shift`, epoch e's windows all start `shift_e` tokens later (shift_0 = 0, then a seeded draw in
+    [0, T)): still no window repeats within an epoch, but a many-epoch run sees new alignments of the text
+    instead of the same n sequences every time. One window per epoch is given up to make room for the shift.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: str, shift: bool = False):
         if len(tokens) < seq_len + 1:
             raise UserError(f"the {split} split has {len(tokens):,} tokens, fewer than one window of seq_len + 1 = "
                             f"{seq_len + 1:,}: use a smaller --seq-len or more text")
-        self.n = (len(tokens) - 1) // seq_len
-        itemsize = tokens.dtype.itemsize
-        self._view = np.lib.stride_tricks.as_strided(
-            tokens, shape=(self.n, seq_len + 1), strides=(seq_len * itemsize, itemsize), writeable=False
-        )
+        self.shift = shift and len(tokens) >= 2 * seq_len + 1  # room for at least one shifted window
+        self.n = (len(tokens) - 1 - (seq_len - 1 if self.shift else 0)) // seq_len
+        self._tokens, self._T = tokens, seq_len
 
-    def rows(self, idx: np.ndarray) -> Batch:
-        tokens = self._view[idx].astype(np.int32)
+    def rows(self, idx: np.ndarray, shift: np.ndarray | int = 0) -> Batch:
+        starts = np.asarray(idx, np.int64) * self._T + shift
+        tokens = self._tokens[starts[:, None] + np.arange(self._T + 1)].astype(np.int32)
         return {"tokens": tokens, "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)}
 
 
@@ -60,7 +66,7 @@ class _Padded:
             warnings.warn(f"{int((lengths > self._len).sum())} of {self.n} {split} examples are longer than "
                           f"seq_len + 1 = {self._len} tokens; their completions are truncated", stacklevel=3)
 
-    def rows(self, idx: np.ndarray) -> Batch:
+    def rows(self, idx: np.ndarray, shift=0) -> Batch:
         tokens = np.zeros((len(idx), self._len), np.int32)
         mask = np.zeros((len(idx), self._len - 1), np.float32)
         for b, i in enumerate(idx):
@@ -71,10 +77,12 @@ class _Padded:
         return {"tokens": tokens, "loss_mask": mask}
 
 
-def _rows(data: np.ndarray | Examples, seq_len: int, split: str):
+def _rows(data: np.ndarray | Examples, seq_len: int, split: str, shift: bool = False):
     if seq_len < 1:
         raise UserError(f"seq_len must be >= 1, got {seq_len}")
-    return _Padded(data, seq_len, split) if isinstance(data, Examples) else _Windows(np.asarray(data), seq_len, split)
+    if isinstance(data, Examples):
+        return _Padded(data, seq_len, split)
+    return _Windows(np.asarray(data), seq_len, split, shift)
 
 
 def _local_slice(global_batch: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -94,14 +102,20 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.argsort(keys, kind="stable")
 
 
+@functools.lru_cache(maxsize=64)
+def _epoch_shift(seed: int, epoch: int, seq_len: int) -> int:
+    # A separate stream from the permutation's (the extra 1 in the seed sequence); epoch 0 is never shifted.
+    return 0 if epoch == 0 else int(np.random.PCG64(np.random.SeedSequence([seed, epoch, 1])).random_raw() % seq_len)
+
+
 class Batches:
     """Training batches for any step (see the module docstring for the exact order)."""
 
     def __init__(self, data: np.ndarray | Examples, seq_len: int, global_batch: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, shift_windows: bool = False):
         if seed < 0:
             raise UserError(f"seed must be >= 0, got {seed}")
-        self._rows = _rows(data, seq_len, "train")
+        self._rows = _rows(data, seq_len, "train", shift_windows)
         self._offset, self.local_batch = _local_slice(global_batch, process_index, process_count)
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.num_rows = self._rows.n  # windows (text) or examples (JSONL) per epoch
@@ -113,6 +127,10 @@ class Batches:
 
     def indices(self, step: int) -> np.ndarray:
         """The rows this process reads at `step`."""
+        return self._indices(step)[0]
+
+    def _indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, the epoch of each row) this process reads at `step`."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         g = step * self.global_batch + self._offset + np.arange(self.local_batch, dtype=np.int64)
@@ -121,10 +139,14 @@ class Batches:
         for e in np.unique(epochs):  # a batch spans at most a few epochs (more only when n < global_batch)
             at = epochs == e
             idx[at] = _permutation(self.seed, int(e), self.num_rows)[positions[at]]
-        return idx
+        return idx, epochs
 
     def batch(self, step: int) -> Batch:
-        return self._rows.rows(self.indices(step))
+        idx, epochs = self._indices(step)
+        shifts = 0
+        if getattr(self._rows, "shift", False):
+            shifts = np.array([_epoch_shift(self.seed, int(e), self.seq_len) for e in epochs], np.int64)
+        return self._rows.rows(idx, shifts)
 
 
 def eval_batches(data: np.ndarray | Examples, seq_len: int, global_batch: int, process_index: int = 0,

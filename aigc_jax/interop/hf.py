@@ -106,6 +106,7 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 def config_to_hf(config: ModelConfig, eot_id: int | None = None, dtype: str = "float32") -> dict:
     """The config.json that makes `GPT2LMHeadModel` compute what our Decoder computes."""
+    _check_exportable(config)
     return {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -186,12 +187,18 @@ def params_from_hf(state: dict, config: ModelConfig):
     return match_layout(traverse_util.unflatten_dict(flat), config)
 
 
+def _check_exportable(config: ModelConfig) -> None:
+    if not config.bias:
+        raise UserError("this model has no biases (model.bias=false), which HF GPT-2 cannot represent")
+
+
 def to_hf_state_dict(params, config: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
     """Params (either layout) -> HF GPT2LMHeadModel state dict: "transformer." names, vocab padding dropped.
 
     `lm_head.weight` is left out: it is tied to `transformer.wte.weight`, and HF's safetensors files store tied
     weights once (transformers re-ties them on load).
     """
+    _check_exportable(config)
     from flax import traverse_util
 
     from aigc_jax.model import match_layout

@@ -9,7 +9,7 @@ import os
 
 from aigc_jax.cli import add_model_args
 from aigc_jax.data import add_data_args
-from aigc_jax.errors import ConfigError, UserError
+from aigc_jax.errors import ConfigError
 
 # Flag -> TrainConfig field, for the flags that mirror config keys (flags win over --config and --set).
 _TRAIN_FLAGS = {

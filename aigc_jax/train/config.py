@@ -32,6 +32,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     seed: int = 0  # params init, dropout and data order all derive from it
+    shift_windows: bool = True  # each epoch after the first reads the text at a new seeded offset (data/batches.py)
     parallel: str = "pmap"  # pmap | shard_map: the two wrappers of the same per-device step
     checkpoint_every: int = 500  # also at the end and on SIGTERM/SIGINT; 0 = only those
     keep_checkpoints: int = 3  # the last K are kept

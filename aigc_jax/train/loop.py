@@ -170,7 +170,7 @@ def train(run: Run, log=print) -> dict:
         cfg.parallel, mesh, ("rep", "data"), ("rep", "rep"), donate_argnums=(0,),
     )
     sampler = data.Batches(run.data.train, cfg.seq_len, cfg.batch_size, cfg.seed,
-                           jax.process_index(), jax.process_count())
+                           jax.process_index(), jax.process_count(), cfg.shift_windows)
     place = lambda step: parallel.shard_batch(sampler.batch(step), cfg.parallel, mesh)
     evaluate = functools.partial(_evaluate, run=run, mesh=mesh, max_batches=cfg.eval_batches)
     writer = MetricsWriter(run.workdir, enabled=primary)
