@@ -89,7 +89,7 @@ def test_resume_after_kill9_and_sigterm_is_bitwise_exact(corpus, tmp_path):
         assert interrupted_at < 200, "the run finished before it was interrupted; nothing was resumed"
         again = run_cli(*train_args(corpus, workdir, *steps))
         assert again.returncode == 0, again.stderr
-        assert f"resumed from" in again.stdout + again.stderr
+        assert "resumed from" in again.stdout + again.stderr
         got = final_params(workdir)
         for key, value in expected.items():
             np.testing.assert_array_equal(got[key], value, err_msg=f"{how.name}: {key}")
