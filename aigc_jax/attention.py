@@ -44,28 +44,31 @@ def resolve_backend(name: str, dtype, head_dim: int, *, needs_mask: bool = False
 
 def attention(
     q_BxTxHxD: jax.Array,
-    k_BxSxHxD: jax.Array,
-    v_BxSxHxD: jax.Array,
+    k_BxHxDxS: jax.Array,
+    v_BxHxSxD: jax.Array,
     mask_BxTxS: jax.Array | None,
     *,
     backend: str,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
-    """Softmax attention. `mask_BxTxS` True = may attend; None means plain causal with T == S."""
+    """Softmax attention. Keys and values come in the KV cache's layouts (head-major, keys transposed).
+    `mask_BxTxS` True = may attend; None means plain causal with T == S."""
     if backend == "cudnn":
         assert mask_BxTxS is None and dropout_rate == 0.0
+        # XLA folds these transposes into the ones that made k and v head-major: no copy.
+        k_BxSxHxD, v_BxSxHxD = k_BxHxDxS.transpose(0, 3, 1, 2), v_BxHxSxD.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, is_causal=True, implementation="cudnn")
-    return xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_BxTxS, dropout_rate, dropout_rng)
+    return xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate, dropout_rng)
 
 
-def xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_BxTxS, dropout_rate=0.0, dropout_rng=None):
-    T, S, D = q_BxTxHxD.shape[1], k_BxSxHxD.shape[1], q_BxTxHxD.shape[-1]
+def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0, dropout_rng=None):
+    T, S, D = q_BxTxHxD.shape[1], k_BxHxDxS.shape[3], q_BxTxHxD.shape[-1]
     if mask_BxTxS is None:
         mask_BxTxS = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
     # Scores and softmax in fp32 whatever the compute dtype: bf16 softmax loses too much for long contexts.
     scores_BxHxTxS = jnp.einsum(
-        "bthd,bshd->bhts", q_BxTxHxD, k_BxSxHxD, preferred_element_type=jnp.float32
+        "bthd,bhds->bhts", q_BxTxHxD, k_BxHxDxS, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(D))
     # A large finite negative (not -inf) so fully masked rows (left-padding queries) give a uniform, NaN-free softmax.
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(jnp.float32).min)
@@ -73,4 +76,4 @@ def xla_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, mask_BxTxS, dropout_rate=0.0,
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
         probs_BxHxTxS = jnp.where(keep, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhts,bshd->bthd", probs_BxHxTxS.astype(v_BxSxHxD.dtype), v_BxSxHxD)
+    return jnp.einsum("bhts,bhsd->bthd", probs_BxHxTxS.astype(v_BxHxSxD.dtype), v_BxHxSxD)

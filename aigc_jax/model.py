@@ -53,26 +53,30 @@ class KVCache:
     `index` is the next slot to write (the same for every row: rows are aligned by left padding).
     """
 
-    k: jax.Array  # [L, B, S, H, D]
-    v: jax.Array  # [L, B, S, H, D]
+    # Head-major, keys stored transposed: q·kᵀ and p·v then read the cache where it lies. With a [.., S, H, D]
+    # cache XLA copied every layer's keys and values into these layouts on every decoded token. (Per-layer
+    # buffers instead of one stacked array would also save slicing the layer out, but XLA's copy insertion
+    # then copies every loop-carried buffer per token: measured slower on CPU.)
+    k: jax.Array  # [L, B, H, D, S]
+    v: jax.Array  # [L, B, H, S, D]
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # [] int32
 
     @classmethod
     def init(cls, config: ModelConfig, batch_size: int, max_len: int | None = None, dtype=None) -> "KVCache":
         max_len = max_len or config.n_positions
-        shape = (config.n_layer, batch_size, max_len, config.n_head, config.head_dim)
+        L, B, H, D = config.n_layer, batch_size, config.n_head, config.head_dim
         dtype = jnp.dtype(dtype or config.dtype)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=jnp.zeros((L, B, H, D, max_len), dtype),
+            v=jnp.zeros((L, B, H, max_len, D), dtype),
             valid=jnp.zeros((batch_size, max_len), bool),
             index=jnp.zeros((), jnp.int32),
         )
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
 
     def gather(self, rows_B: jax.Array) -> "KVCache":
         """Reorders/duplicates batch rows (beam search keeps the cache of the beams it continues)."""
@@ -139,24 +143,29 @@ class CausalSelfAttention(nn.Module):
         q_BxTxHxD, k_BxTxHxD, v_BxTxHxD = (
             t.reshape(B, T, H, Dh) for t in jnp.split(qkv_BxTx3D, 3, axis=-1)
         )
+        k_BxHxDxS, v_BxHxSxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
         new_kv = None
         if layer_kv is not None:
-            # Either this layer's own [B,S,H,D] slices (nn.scan hands them out) or the whole [L,B,S,H,D]
-            # cache plus a layer index: writing into the whole cache in place avoids re-stacking (copying)
+            # Either this layer's own slices (nn.scan hands them out) or the whole stacked cache plus a layer
+            # index: writing into the whole cache in place avoids re-stacking (copying)
             # every layer's keys and values on each decoded token.
             k_cache, v_cache, layer = layer_kv if len(layer_kv) == 3 else (*layer_kv, None)
-            write = lambda cache, new: (
-                lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, cache_index, 0, 0)) if layer is None
-                else lax.dynamic_update_slice(cache, new.astype(cache.dtype)[None], (layer, 0, cache_index, 0, 0)))
-            k_cache, v_cache = write(k_cache, k_BxTxHxD), write(v_cache, v_BxTxHxD)
+            def write(cache, new, slot_axis):
+                at = [0, 0, 0, 0]
+                at[slot_axis] = cache_index
+                if layer is None:
+                    return lax.dynamic_update_slice(cache, new.astype(cache.dtype), at)
+                return lax.dynamic_update_slice(cache, new.astype(cache.dtype)[None], (layer, *at))
+
+            k_cache, v_cache = write(k_cache, k_BxHxDxS, 3), write(v_cache, v_BxHxSxD, 2)
             new_kv = (k_cache, v_cache)
             read = lambda cache: (cache if layer is None else cache[layer]).astype(q_BxTxHxD.dtype)
-            k_BxTxHxD, v_BxTxHxD = read(k_cache), read(v_cache)
+            k_BxHxDxS, v_BxHxSxD = read(k_cache), read(v_cache)
         rate = cfg.attn_dropout if self.train else 0.0
         o_BxTxHxD = attention(
             q_BxTxHxD,
-            k_BxTxHxD,
-            v_BxTxHxD,
+            k_BxHxDxS,
+            v_BxHxSxD,
             mask_BxTxS,
             backend=self.backend,
             dropout_rate=rate,

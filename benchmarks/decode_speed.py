@@ -25,10 +25,9 @@ def measure(cfg, batch: int, prompt_len: int, new_tokens: int, *, repeats: int =
     from aigc_jax.model import init_params
 
     params = init_params(cfg, jax.random.key(seed))
-    if cast_params:  # serve in the compute dtype, as HF's model.to(bfloat16) does
-        params = jax.tree.map(lambda x: x.astype(cfg.dtype), params)
-        cfg = cfg.replace(param_dtype=cfg.dtype)
-    generator = Generator(cfg, params)
+    # cast_params: serve in the compute dtype (the Generator's default), as HF's model.to(bfloat16) does.
+    generator = Generator(cfg, params, cast_params=cast_params)
+    cfg = generator.config
     prompts = common.synthetic_tokens(batch, prompt_len, cfg.vocab_size, seed).tolist()
     call = generator.compiled_call(prompts, GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, eos_ids=()))
 

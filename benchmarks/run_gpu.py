@@ -12,7 +12,7 @@ its worker did not reach, are recorded as skipped, saying so):
            unrolled time) vs HF with per-block torch.compile.
   sweep    ours decode at batch 8 and 256.
   levers   ours, one variant at a time against the main baseline: attention xla (vs cuDNN), unpadded vocab,
-           scan_layers, remat=dots, no donation, shard_map; decode with scanned layers, with fp32 weights.
+           scan_layers, remat=dots, no donation, shard_map; decode with fp32 weights.
   flags    XLA GPU flags, each in its own process (XLA_FLAGS is read once at start): train 124M + decode batch 1.
   data     the host input pipeline on synthetic tokens.
 
@@ -83,7 +83,6 @@ def build(quick: bool = False) -> list[Group]:
             dec("ours", 1, "fp32 weights", opts={"cast_params": False}),
             lever("vocab unpadded", model={"vocab_multiple": 1}),
             lever("scan_layers", model={"scan_layers": True}),
-            dec("ours", 1, "scan_layers", model={"scan_layers": True}),
             lever("remat dots", model={"remat": "dots"}),
             lever("no donation", opts={"donate": False}),
             lever("shard_map", opts={"mode": "shard_map"}),

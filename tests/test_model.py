@@ -165,7 +165,7 @@ def test_bf16_compute_returns_fp32_logits(params):
     assert params["wte"]["embedding"].dtype == jnp.float32
     np.testing.assert_allclose(logits[..., :101], ref[..., :101], atol=0.05)
     cache = model.KVCache.init(cfg, 2, 16)
-    assert cache.k.dtype == jnp.bfloat16
+    assert cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16
     out, _ = forward(params, tokens, cfg, cache=cache)
     assert out.dtype == jnp.float32
 
@@ -201,7 +201,8 @@ def test_auto_backend_exists_here():
 
 def test_xla_attention_matches_jax_reference():
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 8)) for i in range(3))
-    ours = xla_attention(q, k, v, None)
+    head_major = lambda x: x.transpose(0, 2, 1, 3)  # the KV cache's layouts: v [B, H, S, D], k [B, H, D, S]
+    ours = xla_attention(q, k.transpose(0, 2, 3, 1), head_major(v), None)
     ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
@@ -214,7 +215,7 @@ def test_cudnn_matches_xla_attention_bf16():
     xla, _ = jax.jit(lambda p, t: forward(p, t, cfg.replace(attention="xla")))(p, tokens)
     cud, _ = jax.jit(lambda p, t: forward(p, t, cfg.replace(attention="cudnn")))(p, tokens)
     q, k, v = (jax.random.normal(jax.random.key(i), (4, 1024, 12, 64), jnp.bfloat16) for i in range(3))
-    a = xla_attention(q, k, v, None).astype(jnp.float32)
+    a = xla_attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), None).astype(jnp.float32)
     b = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(jnp.float32)
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 1e-2
     rel = float(jnp.linalg.norm(xla - cud) / jnp.linalg.norm(xla))

@@ -194,13 +194,23 @@ class Generator:
     debug: no jit at all; the loop runs in plain Python (single device only).
     """
 
-    def __init__(self, config: ModelConfig, params, mode: str = "none", mesh=None, debug: bool = False):
+    def __init__(self, config: ModelConfig, params, mode: str = "none", mesh=None, debug: bool = False,
+                 cast_params: bool = True):
         if mode not in MODES:
             raise UserError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}")
         if debug and mode != "none":
             raise UserError("the debug (plain Python) decode path runs on one device: use mode='none'")
+        # Decoding runs the unrolled layer layout: with scanned layers every token slices each layer's weights
+        # and cache out of the stacked arrays (measured 2x slower on CPU).
+        config = config.replace(scan_layers=False)
+        params = model.match_layout(params, config)
+        if cast_params and config.param_dtype != config.dtype:
+            # Serving needs no fp32 master weights: weights in the compute dtype halve the bytes each token reads
+            # (Dense and Embed cast them to that dtype before use anyway).
+            params = jax.tree.map(lambda x: x.astype(config.dtype), params)
+            config = config.replace(param_dtype=config.dtype)
         self.config, self.mode, self.debug = config, mode, debug
-        self.params = model.match_layout(params, config)
+        self.params = params
         if mode == "none":
             self.mesh, self.n_devices = None, 1
         else:
