@@ -45,7 +45,7 @@ def register(sub) -> None:
 
     d = sub.add_parser("demo", help="train the baby model on the embedded corpus for a few minutes, then generate")
     d.add_argument("--workdir", default=os.path.join("runs", "demo"))
-    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--steps", type=int, default=300, help="optimizer steps (~0.5 s each on a 2-core CPU)")
     d.set_defaults(func=_demo)
 
 
@@ -122,13 +122,14 @@ def _eval(args) -> int:
 
 
 def _demo(args) -> int:
-    """Sized for a 2-core CPU: ~3 minutes of training, then a few samples."""
+    """Sized for a 2-core CPU: ~3 minutes of training, then a few samples. In a fixed budget of tokens, small
+    batches (4 × 128) give more optimizer steps and a lower loss than the recipe's 64 × 256."""
     from aigc_jax import configs
     from aigc_jax.train import loop
     from aigc_jax.train.config import TrainConfig
 
     model_config = configs.get_preset("baby").replace(dropout=0.0, attn_dropout=0.0)  # short runs: no dropout
-    train_config = TrainConfig(steps=args.steps, batch_size=8, seq_len=256, lr=1e-3, warmup_steps=20,
+    train_config = TrainConfig(steps=args.steps, batch_size=4, seq_len=128, lr=1e-3, warmup_steps=10,
                                min_lr_ratio=0.1, beta2=0.99, weight_decay=0.1, checkpoint_every=100,
                                eval_every=0, eval_batches=8, log_every=10, sample_every=0)
     run = loop.prepare(args.workdir, model_config, train_config, "default", None, "byte")
@@ -139,7 +140,9 @@ def _demo(args) -> int:
     from aigc_jax.api import load
 
     lm = load(args.workdir)
-    for prompt in ("def ", "The "):
-        text = lm.generate(prompt, max_new_tokens=200, temperature=0.8, top_k=40, seed=0)
+    prompts = ["def ", "The ", "import "]
+    for prompt, text in zip(prompts, lm.generate(prompts, max_new_tokens=120, temperature=0.8, top_k=40, seed=0)):
         print(f"\n--- prompt {prompt!r} ---\n{prompt}{text}")
+    print(f"\nmore: aigc-jax generate --model {args.workdir} --prompt 'class ' --temperature 0.8 --top-k 40; "
+          f"aigc-jax eval --workdir {args.workdir}")
     return 0
