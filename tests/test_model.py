@@ -207,6 +207,7 @@ def test_xla_attention_matches_jax_reference():
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
+@pytest.mark.gpu
 @requires_gpu
 def test_cudnn_matches_xla_attention_bf16():
     cfg = configs.get_preset("gpt2").replace(n_layer=2, dtype="bfloat16")
