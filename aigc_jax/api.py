@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
-import numbers
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
 from aigc_jax import configs, model, modeldir
 from aigc_jax import tokenizers as tok
 from aigc_jax.decode import GenerationConfig, Generator
+from aigc_jax.decode.config import as_int
 from aigc_jax.errors import UserError
 
 # Config keys that change how the weights are run, not what they are: safe to override at load time.
@@ -51,15 +52,18 @@ class LM:
         """A GenerationConfig from HF-style keyword arguments, EOS defaulting to the tokenizer's end-of-text."""
         if "eos_ids" not in kwargs and self.tokenizer is not None:
             kwargs["eos_ids"] = (self.tokenizer.eot_id,)
-        kwargs["eos_ids"] = tuple(kwargs.get("eos_ids", ()))
-        try:
-            return GenerationConfig(**kwargs)
-        except TypeError as e:
-            raise UserError(f"generate: {e}") from None
+        known = [f.name for f in dataclasses.fields(GenerationConfig)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            hint = "greedy is temperature=0"
+            raise UserError(f"generate: unknown argument {unknown[0]!r} ({hint}); known: {', '.join(known)}")
+        return GenerationConfig(**kwargs)
 
     def _batch(self, prompts) -> tuple[list[list[int]], bool]:
         """(token-id prompts, whether one prompt was given) for a str, a list of ids, or a list of either."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], numbers.Integral))
+        if not isinstance(prompts, str) and not hasattr(prompts, "__len__"):
+            prompts = list(prompts)  # a generator of prompts
+        single = isinstance(prompts, str) or (len(prompts) > 0 and _is_token_id(prompts[0]))
         items = [prompts] if single else list(prompts)
         return [self.encode(p) if isinstance(p, str) else list(p) for p in items], single
 
@@ -79,7 +83,10 @@ class LM:
     def stream(self, prompt: str | Sequence[int], chunk: int = 16, **kwargs) -> Iterator[str]:
         """Yields the continuation of one prompt piece by piece, every `chunk` tokens."""
         gen = self.config_for(**kwargs)
-        (ids,), _ = self._batch(prompt)
+        batch, _ = self._batch(prompt)
+        if len(batch) != 1:
+            raise UserError(f"stream takes one prompt, got {len(batch)}: use generate for a list of prompts")
+        (ids,) = batch
         done: list[int] = []
         shown = ""
         for (new,) in self.generator.stream([ids], gen, chunk):
@@ -96,6 +103,12 @@ class LM:
     @staticmethod
     def strip_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
         return list(ids[:-1]) if ids and ids[-1] in eos_ids else list(ids)
+
+
+def _is_token_id(x) -> bool:
+    """An int of any kind (Python, NumPy, or a 0-d NumPy/JAX integer array): one id of a single prompt."""
+    x = as_int(x)
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def load(src: str, parallel: str = "none", overrides: dict | None = None) -> LM:

@@ -43,7 +43,13 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if isinstance(texts, str):
+            raise UserError("encode_batch takes a list of strings; for one string use encode")
         texts = list(texts)
+        # A list given to encode would otherwise be taken as pre-split words and come back as one joined sequence.
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise UserError(f"can only encode text (str), got {type(bad).__name__} {bad!r:.60}")
         try:
             return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         except Exception as e:  # tokenizers raises a bare Exception, e.g. a char vocabulary meeting a new character
@@ -56,7 +62,14 @@ class Tokenizer:
         return f" (characters not in the vocabulary: {''.join(unknown[:20])!r})" if unknown else ""
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        try:
+            ids = [int(i) for i in ids]
+        except TypeError:
+            raise UserError("decode takes one sequence of token ids; decode a batch row by row") from None
+        bad = next((i for i in ids if not 0 <= i < 2**32), None)
+        if bad is not None:  # e.g. -100, the ignore-index of labels; ids >= vocab_size are skipped, as in HF
+            raise UserError(f"cannot decode token id {bad}: ids are non-negative (drop -100 label padding first)")
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | os.PathLike) -> str:
         os.makedirs(directory, exist_ok=True)

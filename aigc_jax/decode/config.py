@@ -16,6 +16,7 @@ One executable per (strategy, batch bucket, P, N): e.g. prompts of 1..16 tokens 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Literal
 
 from aigc_jax.errors import UserError
@@ -40,9 +41,18 @@ class GenerationConfig:
     num_beams: int = 1
     length_penalty: float = 1.0  # beam score = sum of log-probs / generated_length ** length_penalty
     early_stopping: EarlyStopping = False  # beam search: True, False or "never", as in HF
-    eos_ids: tuple[int, ...] = ()  # a row finishes at any of these; () = never
+    eos_ids: tuple[int, ...] = ()  # a row finishes at any of these; () or None = never; one int = (int,) as in HF
     pad_id: int | None = None  # emitted by finished rows; default eos_ids[0] (HF with pad_token_id=eos), else 0
     seed: int = 0
+
+    def __post_init__(self):
+        # NumPy/JAX integers (e.g. a length computed with numpy) count as ints; eos_ids takes HF's int | list | None.
+        for f in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "pad_id", "seed"):
+            object.__setattr__(self, f, as_int(getattr(self, f)))
+        eos = self.eos_ids
+        eos = () if eos is None else (eos,) if _is_int(as_int(eos)) else eos
+        if not isinstance(eos, (str, bytes)) and hasattr(eos, "__iter__"):
+            object.__setattr__(self, "eos_ids", tuple(as_int(i) for i in eos))
 
     def replace(self, **changes) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
@@ -67,10 +77,14 @@ class GenerationConfig:
             raise UserError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not _is_int(self.num_beams) or self.num_beams < 1:
             raise UserError(f"--num-beams must be an integer >= 1, got {self.num_beams!r}")
+        if not _is_int(self.seed):
+            raise UserError(f"--seed must be an integer, got {self.seed!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise UserError(f"--early-stopping must be true, false or never, got {self.early_stopping!r}")
         if self.num_beams > 1 and (self.top_k or self.top_p < 1 or self.temperature not in (0, 1)):
             raise UserError("beam sampling is not supported: with --num-beams > 1 drop --temperature/--top-k/--top-p")
+        if not isinstance(self.eos_ids, tuple):
+            raise UserError(f"eos ids must be an int or a list of ints, got {self.eos_ids!r}")
         for name, ids in (("eos id", self.eos_ids), ("pad id", () if self.pad_id is None else (self.pad_id,))):
             bad = [i for i in ids if not _is_int(i) or not 0 <= i < vocab_size]
             if bad:
@@ -78,6 +92,11 @@ class GenerationConfig:
         for i, n in enumerate(prompt_lengths or []):
             if n == 0:
                 raise UserError(f"prompt {i} is empty: give at least one token of text")
+            if n >= n_positions:
+                raise UserError(
+                    f"prompt {i} has {n} tokens, which leaves no room to generate in the model's context of "
+                    f"{n_positions} tokens: shorten it to at most {n_positions - 1} tokens"
+                )
             if n + self.max_new_tokens > n_positions:
                 raise UserError(
                     f"prompt {i} has {n} tokens; with --max-new-tokens {self.max_new_tokens} that exceeds the "
@@ -130,3 +149,14 @@ def batch_bucket(n: int, n_devices: int) -> int:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def as_int(x):
+    """x as a Python int if it is an integer of any kind (NumPy, 0-d arrays), else unchanged for check() to reject."""
+    if isinstance(x, bool) or _is_int(x):
+        return x
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if getattr(x, "shape", None) == () and getattr(getattr(x, "dtype", None), "kind", None) in ("i", "u"):
+        return int(x)
+    return x

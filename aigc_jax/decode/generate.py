@@ -310,11 +310,13 @@ class Generator:
         """
         if gen.strategy_kind == "beam":
             raise UserError("streaming works with greedy decoding and sampling, not beam search (its best beam moves)")
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise UserError(f"--chunk must be a positive integer, got {chunk!r}")
         fns, batch, knobs, B = self._prepare(prompts, gen)
         state = fns["prefill"](self.params, *batch, knobs)
         shown = [0] * B
         done = [False] * B
-        stop = 1
+        stop = 0
         while True:
             stop = min((stop // chunk + 1) * chunk, gen.max_new_tokens)  # the first chunk includes the prefill's token
             state = fns["run"](self.params, state, knobs, np.int32(stop))
