@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_closed_event_loop()
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -49,6 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"aigc-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_closed_event_loop() -> None:
+    """A failed orbax restore closes its asyncio loop while tensorstore reads are still in flight; each late
+    callback then reports "RuntimeError: Event loop is closed" as an unraisable exception, burying the one-line
+    error under tracebacks. Drop exactly those; every other unraisable exception still reaches the old hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_aigc_quiet", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._aigc_quiet = True
+    sys.unraisablehook = hook
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = "gpt2") -> None:
@@ -75,7 +94,9 @@ def _info(args) -> int:
     from aigc_jax import configs, model
 
     cfg = configs.model_config(args.model, args.config, configs.parse_assignments(args.set))
-    seq_len = args.seq_len or cfg.n_positions
+    seq_len = cfg.n_positions if args.seq_len is None else args.seq_len
+    if not 1 <= seq_len <= cfg.n_positions:
+        raise UserError(f"--seq-len must be in [1, n_positions={cfg.n_positions}], got {seq_len}")
     out = {
         "config": cfg.to_dict(),
         "params": model.param_count(cfg),

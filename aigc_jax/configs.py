@@ -148,8 +148,10 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
 
 
 def load_file(path: str | os.PathLike) -> dict:
-    """Reads a JSON or TOML config file into a dict."""
+    """Reads a JSON or TOML config file: an object whose "model"/"train" sections, if present, are objects."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; pass a JSON or TOML file")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -157,13 +159,22 @@ def load_file(path: str | os.PathLike) -> dict:
             import tomllib  # Python >= 3.11
 
             with open(path, "rb") as f:
-                return tomllib.load(f)
-        with open(path) as f:
-            return json.load(f)
+                data = tomllib.load(f)
+        else:
+            with open(path) as f:
+                data = json.load(f)
     except ImportError:
         raise ConfigError(f"{path}: TOML configs need Python >= 3.11; use JSON instead") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold an object with 'model'/'train' sections (or model keys), "
+                          f"got a {type(data).__name__}")
+    for section in ("model", "train"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"{path}: '{section}' must be an object of key/value pairs, "
+                              f"got a {type(data[section]).__name__}")
+    return data
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
@@ -208,14 +219,19 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
                 pass
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(number):  # inf passes every "> 0" check and then trains to NaN
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -113,10 +113,10 @@ def _shapes(tree) -> dict:
 
 
 def _maybe_tokenizer(directory: str) -> tok.Tokenizer | None:
-    try:
-        return tok.load(directory)
-    except UserError:
+    """The directory's tokenizer, None if it has no tokenizer files; a corrupt one is an error, not None."""
+    if not any(os.path.exists(os.path.join(directory, f)) for f in (tok.FILE, "vocab.json", "encoder.json")):
         return None
+    return tok.load(directory)
 
 
 def kind(src: str) -> str:
@@ -128,7 +128,11 @@ def kind(src: str) -> str:
     if os.path.isfile(os.path.join(src, PARAMS_FILE)):
         return "model_dir"
     if os.path.isfile(os.path.join(src, MODEL_FILE)):
-        return "workdir"
+        if any(os.path.exists(os.path.join(src, f)) for f in ("checkpoints", "run.json")):
+            return "workdir"  # see aigc_jax/train/checkpoint.py
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            raise UserError(f"{src} has {MODEL_FILE} but no {PARAMS_FILE} file (model dir) or checkpoints/ "
+                            "(training workdir): restore the weights file or point at the directory holding them")
     if os.path.isfile(os.path.join(src, "config.json")):
         return "hf"
     raise UserError(
@@ -149,6 +153,15 @@ def load_any(src: str):
     from aigc_jax.interop import hf
 
     return hf.load_hf_dir(src)
+
+
+def check_output_dir(path: str, flag: str) -> None:
+    """An output directory must not be a file or lie under one (makedirs would fail after work was done)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {path}: {probe} is a file, not a directory; choose another {flag}")
 
 
 def atomic_write_text(path: str, text: str) -> None:

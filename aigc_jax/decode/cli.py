@@ -50,10 +50,18 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --prompts-file {args.prompts_file}: {e}") from None
     if not prompts:
+        if args.prompts_file:
+            raise UserError(f"--prompts-file {args.prompts_file} has no prompts (it is empty or all blank lines); "
+                            "write one prompt per line")
         raise UserError("give at least one --prompt TEXT or a --prompts-file")
     for i, p in enumerate(prompts):
         if not p:
             raise UserError(f"prompt {i} is empty: give at least one character of text")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"prompt {i} is not valid UTF-8 text: pass it in a UTF-8 locale or via a UTF-8 "
+                            "--prompts-file") from None
     return prompts
 
 

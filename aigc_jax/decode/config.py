@@ -16,6 +16,7 @@ One executable per (strategy, batch bucket, P, N): e.g. prompts of 1..16 tokens 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Literal
 
@@ -69,8 +70,8 @@ class GenerationConfig:
             raise UserError(f"--max-new-tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise UserError(f"--min-new-tokens must be a non-negative integer, got {self.min_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise UserError(f"--top-k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -79,6 +80,8 @@ class GenerationConfig:
             raise UserError(f"--num-beams must be an integer >= 1, got {self.num_beams!r}")
         if not _is_int(self.seed):
             raise UserError(f"--seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.length_penalty, numbers.Real) and math.isfinite(self.length_penalty)):
+            raise UserError(f"--length-penalty must be a finite number, got {self.length_penalty!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise UserError(f"--early-stopping must be true, false or never, got {self.early_stopping!r}")
         if self.num_beams > 1 and (self.top_k or self.top_p < 1 or self.temperature not in (0, 1)):

@@ -65,10 +65,9 @@ def _check_out(out: str, want: str) -> None:
     from aigc_jax import modeldir
     from aigc_jax.interop import hf
 
+    modeldir.check_output_dir(out, "--out")
     if not os.path.exists(out):
         return
-    if not os.path.isdir(out):
-        raise UserError(f"--out {out} is a file; pass a directory")
     if not os.listdir(out):
         return
     marker = modeldir.PARAMS_FILE if want == "model_dir" else hf.CONFIG_FILE

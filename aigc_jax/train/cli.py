@@ -9,7 +9,7 @@ import os
 
 from aigc_jax.cli import add_model_args
 from aigc_jax.data import add_data_args
-from aigc_jax.errors import ConfigError
+from aigc_jax.errors import ConfigError, UserError
 
 # Flag -> TrainConfig field, for the flags that mirror config keys (flags win over --config and --set).
 _TRAIN_FLAGS = {
@@ -115,6 +115,10 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from aigc_jax.train import loop
 
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_batches < 0:
+        raise UserError(f"--max-batches must be >= 0 (0 = a complete pass), got {args.max_batches}")
     out = loop.evaluate_workdir(args.workdir, args.split, args.data, args.data_dir, args.batch_size,
                                 args.max_batches, args.parallel)
     print(json.dumps(out))

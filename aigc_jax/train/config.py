@@ -49,7 +49,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "decay_steps", "checkpoint_every", "eval_every", "eval_batches",
+        for name in ("seed", "seq_len", "warmup_steps", "decay_steps", "checkpoint_every", "eval_every", "eval_batches",
                      "sample_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")

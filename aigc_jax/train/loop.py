@@ -86,8 +86,13 @@ def prepare(
         raise UserError(f"--batch-size {train_config.batch_size} must be divisible by devices × grad_accum = "
                         f"{n_dev} × {train_config.grad_accum}")
 
+    _check_workdir(workdir)
     if dataset is None:
         dataset = data.load(data_source, tokenizer, data_dir=data_dir)
+    # Too little text for one window (train or validation) must fail here, not in train() after the run files exist.
+    data.Batches(dataset.train, seq_len, train_config.batch_size, train_config.seed,
+                 shift_windows=train_config.shift_windows)
+    data.num_eval_batches(dataset.validation, seq_len, train_config.batch_size // train_config.grad_accum)
     record = {
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
@@ -103,6 +108,15 @@ def prepare(
     elif os.path.isdir(workdir) and os.listdir(workdir):
         raise UserError(f"--workdir {workdir} is not empty and holds no aigc_jax run; choose a new or empty directory")
     return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step)
+
+
+def _check_workdir(workdir: str) -> None:
+    """A workdir that is (or lies under) a file, or whose checkpoints/ is a file, cannot hold a run."""
+    modeldir.check_output_dir(workdir, "--workdir")
+    checkpoints = os.path.join(workdir, ckpt.CHECKPOINTS)
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+        raise UserError(f"--workdir {workdir}: {checkpoints} is a file where the checkpoint directory belongs; "
+                        "move it away or use a new --workdir")
 
 
 def _make_tokenizer(spec: str, data_source: str, data_dir: str | None) -> tok.Tokenizer:

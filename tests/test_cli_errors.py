@@ -1,0 +1,132 @@
+"""Researcher mistakes at the command line: each is one line on stderr, a non-zero exit, no traceback, and leaves
+what is already on disk as it was (and writes nothing where it refuses to run)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+TINY = ["--model", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress"]
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A corpus, a tiny model dir, and a training workdir whose latest checkpoint is corrupt (written directly,
+    without a training run)."""
+    import jax
+
+    from aigc_jax import configs, model, modeldir
+    from aigc_jax import tokenizers as tok
+    from aigc_jax.train import optimizer
+    from aigc_jax.train.checkpoint import Checkpoints
+    from aigc_jax.train.config import TrainConfig
+    from aigc_jax.train.step import init_state
+
+    root = tmp_path_factory.mktemp("cli_errors")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(p.read_text() for p in sorted((Path(__file__).parents[1] / "aigc_jax").glob("*.py"))))
+    config = configs.get_preset("tiny")
+    params = model.init_params(config, jax.random.key(0))
+    modeldir.save_model_dir(str(root / "model"), config, params, tok.byte_level())
+    workdir = root / "workdir"
+    modeldir.save_config(str(workdir), config)
+    tok.byte_level().save(str(workdir))
+    checkpoints = Checkpoints(str(workdir), async_save=False)
+    checkpoints.save(1, init_state(params, optimizer.make(TrainConfig()), 0), {"step": 1})
+    checkpoints.close()
+    manifest = workdir / "checkpoints" / "1" / "params" / "manifest.ocdbt"
+    manifest.write_bytes(b"\0" * manifest.stat().st_size)
+    return {"root": root, "data": str(corpus), "data_dir": str(root / "data"), "model": root / "model",
+            "workdir": workdir}
+
+
+def train(tiny, workdir, *extra, timeout=120):
+    return run_cli("train", *TINY, "--data", tiny["data"], "--data-dir", tiny["data_dir"], "--workdir", workdir,
+                   "--steps", "2", *extra, timeout=timeout)
+
+
+def cli(capsys, *args) -> subprocess.CompletedProcess:
+    """`aigc-jax ARGS…` in this process (no start-up cost), for errors raised before any model work."""
+    from aigc_jax.cli import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
+def test_config_file_that_is_not_a_mapping(tiny, tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "section.json").write_text('{"train": 5}')
+    assert_one_line_error(train(tiny, tmp_path / "run", "--config", tmp_path / "list.json"), "list.json", "object")
+    assert_one_line_error(train(tiny, tmp_path / "run", "--config", tmp_path / "section.json"), "'train'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_errors_found_late_write_nothing(tiny, tmp_path):
+    """Formerly raised after run.json was written, so the corrected command was refused as "a different run"."""
+    (tmp_path / "short.txt").write_text("hi")
+    assert_one_line_error(train(tiny, tmp_path / "a", "--seed", "-1"), "seed must be >= 0")
+    assert not (tmp_path / "a").exists()
+    assert_one_line_error(run_cli("train", *TINY, "--data", tmp_path / "short.txt", "--data-dir", tiny["data_dir"],
+                                  "--workdir", tmp_path / "b", "--steps", "2"), "fewer than one window")
+    assert not (tmp_path / "b").exists()
+    assert_one_line_error(train(tiny, tmp_path / "c", "--lr", "inf"), "train.lr must be a finite number")
+    assert not (tmp_path / "c").exists()
+
+
+def test_workdir_that_is_or_holds_a_file(tiny, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    assert_one_line_error(train(tiny, tmp_path / "file"), "is a file")
+    assert_one_line_error(train(tiny, tmp_path / "file" / "run"), "is a file")
+    assert (tmp_path / "file").read_text() == "mine"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("mine")  # formerly: orbax hung with background-thread tracebacks
+    before = snapshot(workdir)
+    assert_one_line_error(train(tiny, workdir, timeout=60), "checkpoints")
+    assert snapshot(workdir) == before
+
+
+def test_flag_values(capsys, tmp_path):
+    nope = tmp_path / "nope"
+    assert_one_line_error(cli(capsys, "eval", "--workdir", nope, "--batch-size", "0"), "--batch-size must be >= 1")
+    assert_one_line_error(cli(capsys, "eval", "--workdir", nope, "--max-batches", "-1"), "--max-batches")
+    assert_one_line_error(cli(capsys, "info", "--model", "tiny", "--seq-len", "0"), "--seq-len")
+    gen = ["generate", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "2"]
+    assert_one_line_error(cli(capsys, *gen, "--temperature", "inf"), "--temperature")
+    assert_one_line_error(cli(capsys, *gen, "--num-beams", "2", "--length-penalty", "nan"), "--length-penalty")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert_one_line_error(cli(capsys, "generate", "--model", "tiny", "--prompts-file", tmp_path / "blank.txt"),
+                          "blank.txt has no prompts")
+
+
+def test_broken_model_sources(tiny, tmp_path):
+    md = tiny["model"]
+    no_params = tmp_path / "no_params"
+    no_params.mkdir()
+    (no_params / "model.json").write_bytes((md / "model.json").read_bytes())
+    assert_one_line_error(run_cli("generate", "--model", no_params, "--prompt", "hi"), "params.safetensors")
+    bad_tok = tmp_path / "bad_tok"
+    bad_tok.mkdir()
+    for name in ("model.json", "params.safetensors"):
+        (bad_tok / name).write_bytes((md / name).read_bytes())
+    (bad_tok / "tokenizer.json").write_text("garbage")  # formerly reported as "has no tokenizer"
+    assert_one_line_error(run_cli("generate", "--model", bad_tok, "--prompt", "hi"), "tokenizer.json")
+    (tmp_path / "file").write_text("mine")
+    assert_one_line_error(run_cli("convert", "--to-hf", md, "--out", tmp_path / "file" / "hf"), "is a file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_corrupt_checkpoint_is_one_line_without_background_tracebacks(tiny):
+    before = snapshot(tiny["workdir"])
+    assert_one_line_error(run_cli("generate", "--model", tiny["workdir"], "--prompt", "hi"), "is unreadable")
+    assert snapshot(tiny["workdir"]) == before
