@@ -58,7 +58,7 @@ def test_stream_chunks(lm):
     "call, needle",
     [
         (lambda lm: lm.generate_ids([1] * 70, max_new_tokens=1), "shorten it to at most 63 tokens"),
-        (lambda lm: lm.generate_ids([1] * 64, max_new_tokens=1), "shorten it to at most 63 tokens"),
+        (lambda lm: lm.generate_ids([1] * 64, max_new_tokens=2), "use at most 1 new tokens"),
         (lambda lm: lm.generate_ids("Hi", seed=None), "--seed must be an integer"),
         (lambda lm: lm.generate_ids("Hi", eos_ids=1.5), "eos ids must be an int or a list of ints"),
         (lambda lm: lm.generate_ids("Hi", do_sample=False), "unknown argument 'do_sample'"),

@@ -82,6 +82,23 @@ def test_greedy_matches_hf_on_left_padded_batch(hf_setup):
         assert hit.any() == (eos != [unused]), hit  # the premise of each case holds
 
 
+def test_context_limit_is_hfs(hf_setup):
+    """HF never feeds the last new token back, so prompt + max_new_tokens - 1 positions may fill the context
+    exactly (here 64), and a prompt as long as the context still yields one token."""
+    m, gen, _, _, unused = hf_setup
+    rng = np.random.default_rng(2)
+    long, short, full = (rng.integers(0, 97, n).tolist() for n in (60, 7, 64))
+    for kwargs in (dict(), dict(num_beams=2)):
+        ref = hf_generate(m, [long, short], 5, [unused], do_sample=False, **kwargs)
+        got, _ = gen.generate_padded([long, short], GenerationConfig(max_new_tokens=5, temperature=0,
+                                                                     eos_ids=(unused,), **kwargs))
+        np.testing.assert_array_equal(got, ref, err_msg=str(kwargs))
+    got, _ = gen.generate_padded([full], GenerationConfig(max_new_tokens=1, temperature=0, eos_ids=(unused,)))
+    np.testing.assert_array_equal(got, hf_generate(m, [full], 1, [unused], do_sample=False))
+    with pytest.raises(api.UserError, match="use at most 5 new tokens"):
+        gen.generate([long], GenerationConfig(max_new_tokens=6, eos_ids=(unused,)))
+
+
 def test_finished_rows_emit_pad_like_hf(hf_setup):
     m, gen, prompts, common, _ = hf_setup
     pad = next(i for i in range(97) if i not in common)
@@ -283,7 +300,7 @@ def test_cli_errors(text_model, capsys, tmp_path):
     path, _ = text_model
     base = ["--model", path, "--prompt", "hi"]
     assert "prompt 0 is empty" in _cli_error(capsys, "--model", path, "--prompt", "")
-    assert "context of 48" in _cli_error(capsys, *base, "--max-new-tokens", "47")
+    assert "context of 48" in _cli_error(capsys, *base, "--max-new-tokens", "48")
     assert "--top-p" in _cli_error(capsys, *base, "--top-p", "0")
     assert "--top-p" in _cli_error(capsys, *base, "--top-p", "1.01")
     assert "--top-k" in _cli_error(capsys, *base, "--top-k", "-1")

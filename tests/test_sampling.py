@@ -182,7 +182,7 @@ def test_generation_config_errors():
         (dict(temperature=-0.1), "--temperature"),
         (dict(num_beams=0), "--num-beams"),
         (dict(max_new_tokens=0), "--max-new-tokens"),
-        (dict(max_new_tokens=62), "context of 64"),
+        (dict(max_new_tokens=63), "context of 64"),
         (dict(num_beams=2, top_k=5), "beam sampling"),
         (dict(eos_ids=(100,)), "outside the vocabulary"),
         (dict(early_stopping="sometimes"), "--early-stopping"),
@@ -191,4 +191,4 @@ def test_generation_config_errors():
             check(**kwargs)
     with pytest.raises(UserError, match="empty"):
         GenerationConfig().check(64, 100, [0])
-    check(max_new_tokens=61, top_p=1.0, num_beams=3, temperature=0)  # the limits themselves are fine
+    check(max_new_tokens=62, top_p=1.0, num_beams=3, temperature=0)  # the limits themselves are fine

@@ -95,15 +95,16 @@ class GenerationConfig:
         for i, n in enumerate(prompt_lengths or []):
             if n == 0:
                 raise UserError(f"prompt {i} is empty: give at least one token of text")
-            if n >= n_positions:
+            # As in HF: the last new token is never fed back, so prompt + max_new_tokens - 1 positions must fit.
+            if n > n_positions:
                 raise UserError(
-                    f"prompt {i} has {n} tokens, which leaves no room to generate in the model's context of "
-                    f"{n_positions} tokens: shorten it to at most {n_positions - 1} tokens"
+                    f"prompt {i} has {n} tokens, more than the model's context of {n_positions} tokens: shorten it "
+                    f"to at most {n_positions - 1} tokens"
                 )
-            if n + self.max_new_tokens > n_positions:
+            if n + self.max_new_tokens - 1 > n_positions:
                 raise UserError(
                     f"prompt {i} has {n} tokens; with --max-new-tokens {self.max_new_tokens} that exceeds the "
-                    f"model's context of {n_positions} tokens (use at most {max(n_positions - n, 0)} new tokens)"
+                    f"model's context of {n_positions} tokens (use at most {n_positions - n + 1} new tokens)"
                 )
 
     @property
