@@ -12,11 +12,15 @@ import math
 import os
 import types
 import typing
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+import jax
+import jax.numpy as jnp
 
 from aigc_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", *DTYPES)  # auto = bfloat16 on GPU/TPU, float32 on CPU
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu")
@@ -26,6 +30,7 @@ ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "si
 class ModelConfig:
     """A GPT-2-family decoder. Field names follow HF's GPT2Config where one exists."""
 
+    family: ClassVar[str] = "gpt2"
     vocab_size: int = 50257  # real token ids; logits for ids >= vocab_size are masked out
     vocab_multiple: int = 128  # the embedding is padded to a multiple of this (50257 -> 50304): faster matmuls
     n_positions: int = 1024  # context length (learned position embeddings)
@@ -37,7 +42,7 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-5
     activation: str = "gelu_new"  # HF activation_function; GPT-2 uses the tanh approximation
     bias: bool = True  # biases in Dense and LayerNorm layers (GPT-2: True; nanoGPT's shakespeare_char: False)
-    dtype: str = "float32"  # compute dtype; params stay in param_dtype, logits and loss are always fp32
+    dtype: str = "auto"  # compute dtype (auto: bf16 on GPU/TPU, fp32 on CPU); params stay in param_dtype; logits fp32
     param_dtype: str = "float32"
     attention: str = "auto"  # auto = cuDNN on GPU with bf16/fp16, XLA otherwise
     scan_layers: bool = False  # nn.scan over blocks: flat compile time; params get a leading layer axis
@@ -59,7 +64,7 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value!r}")
         if not self.layer_norm_epsilon > 0:
             raise ConfigError(f"model.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.dtype", self.dtype, COMPUTE_DTYPES)
         _check_choice("model.param_dtype", self.param_dtype, DTYPES)
         _check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
         _check_choice("model.remat", self.remat, REMAT_POLICIES)
@@ -70,6 +75,14 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def n_kv_head(self) -> int:  # heads of the KV cache (GPT-2: every head has its own keys and values)
+        return self.n_head
+
+    @property
+    def tie_word_embeddings(self) -> bool:  # GPT-2's LM head is the token embedding
+        return True
+
+    @property
     def padded_vocab_size(self) -> int:
         return math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple
 
@@ -77,7 +90,38 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"family": self.family, **dataclasses.asdict(self)}
+
+
+# Keys that change how a model RUNS, not what it IS: a fine-tune or a load may set them without touching the
+# architecture the weights were trained with. Everything else is architecture and comes with the weights.
+RUNTIME_KEYS = ("dtype", "param_dtype", "attention", "scan_layers", "remat", "dropout", "attn_dropout")
+
+FAMILIES: dict[str, type] = {"gpt2": ModelConfig}
+
+
+def config_from_dict(data: dict, prefix: str = "model.") -> ModelConfig:
+    """A model config from its dict (model.json): "family" names the class (absent: gpt2, the first family)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    name = data.pop("family", "gpt2")
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return from_dict(FAMILIES[name], data, prefix)
+
+
+def compute_dtype(config):
+    """The concrete compute dtype of `config`: "auto" is bfloat16 where matmuls want it (GPU/TPU), float32 on CPU
+    (XLA's CPU bf16 matmuls are slower than fp32, see benchmarks/NOTES.md)."""
+    if config.dtype == "auto":
+        return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
+    return jnp.dtype(config.dtype)
+
+
+def resolve_dtype(config):
+    """`config` with "auto" replaced by the concrete dtype of this machine (what a run records)."""
+    return config if config.dtype != "auto" else config.replace(dtype=compute_dtype(config).name)
 
 
 def _nearest_divisor(n: int, k: int) -> int:
@@ -133,6 +177,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
 def with_overrides(obj: T, overrides: dict[str, Any], prefix: str = "") -> T:
     """`dataclasses.replace` with the same key and type checks as `from_dict`."""
     merged = {**dataclasses.asdict(obj), **overrides}
+    merged.pop("family", None)  # a model config's class already says it
     return from_dict(type(obj), merged, prefix)
 
 

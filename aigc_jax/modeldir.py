@@ -32,7 +32,7 @@ def save_config(directory: str, config: configs.ModelConfig) -> None:
 
 def load_config(directory: str) -> configs.ModelConfig:
     data = read_json(os.path.join(directory, MODEL_FILE), f"{directory} is not an aigc_jax model dir or workdir")
-    return configs.from_dict(configs.ModelConfig, data, "model.")
+    return configs.config_from_dict(data, "model.")
 
 
 def read_json(path: str, missing_hint: str) -> dict:

@@ -114,7 +114,7 @@ def test_left_padded_batch_matches_unpadded_rows(params):
 def test_scan_layers_equals_unrolled(params):
     scan_cfg = TINY.replace(scan_layers=True)
     stacked = model.match_layout(params, scan_cfg)
-    assert stacked["h"]["attn"]["c_attn"]["kernel"].shape == (3, 32, 96)
+    assert stacked["h"]["attn"]["c_attn"]["kernel"].shape == (3, 32, 3, 4, 8)  # [L, D, q|k|v, H, Dh]
     tokens = rand_tokens(3, (2, 12))
     a, _ = forward(params, tokens, TINY)
     b, _ = forward(stacked, tokens, scan_cfg)
@@ -125,6 +125,31 @@ def test_scan_layers_equals_unrolled(params):
     np.testing.assert_allclose(jnp.concatenate([c, d], 1), a, atol=1e-5)
     back = model.match_layout(stacked, TINY)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), back, dict(params)))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_per_row_cache_rows_at_different_lengths_equal_full_forward(params, scan):
+    """A cache with one write index per row (what a serving engine keeps: each slot at its own length): rows
+    prefilled to different lengths and then decoded together give each row's own full-forward logits."""
+    cfg = TINY.replace(scan_layers=scan)
+    p = model.match_layout(params, cfg)
+    lengths, new = [3, 7], 5
+    rows = [rand_tokens(30 + i, (1, n + new))[0] for i, n in enumerate(lengths)]
+    cache = model.KVCache.init(cfg, 2, 16, per_row=True)
+    for i, n in enumerate(lengths):  # prefill each row alone, writing only into its own slot
+        one = jax.tree.map(lambda x: x[:, i:i + 1] if x.ndim == 5 else x[i:i + 1], cache)
+        _, one = forward(p, rows[i][None, :n], cfg, cache=one)
+        cache = jax.tree.map(lambda full, part: full.at[:, i:i + 1].set(part) if full.ndim == 5
+                             else full.at[i:i + 1].set(part), cache, one)
+    assert cache.index.tolist() == lengths
+    got = []
+    for s in range(new):
+        step = np.stack([rows[i][lengths[i] + s] for i in range(2)])[:, None]
+        out, cache = forward(p, step, cfg, cache=cache)
+        got.append(out[:, 0])
+    for i, n in enumerate(lengths):
+        ref, _ = forward(p, rows[i][None], cfg)
+        np.testing.assert_allclose(jnp.stack([g[i] for g in got]), ref[0, n:], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])

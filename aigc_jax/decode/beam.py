@@ -23,7 +23,7 @@ from jax import lax
 
 from aigc_jax.decode.config import Strategy
 from aigc_jax.decode.sampling import Knobs, suppress_eos
-from aigc_jax.model import KVCache
+from aigc_jax.models.cache import KVCache
 
 PENALTY = -1.0e9
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from aigc_jax import model, parallel
+from aigc_jax import configs, model, parallel
 from aigc_jax.configs import ModelConfig
 from aigc_jax.decode import beam
 from aigc_jax.decode.config import GenerationConfig, Strategy, batch_bucket, bucket
@@ -202,7 +202,7 @@ class Generator:
             raise UserError("the debug (plain Python) decode path runs on one device: use mode='none'")
         # Decoding runs the unrolled layer layout: with scanned layers every token slices each layer's weights
         # and cache out of the stacked arrays (measured 2x slower on CPU).
-        config = config.replace(scan_layers=False)
+        config = configs.resolve_dtype(config.replace(scan_layers=False))
         params = model.match_layout(params, config)
         if cast_params and config.param_dtype != config.dtype:
             # Serving needs no fp32 master weights: weights in the compute dtype halve the bytes each token reads

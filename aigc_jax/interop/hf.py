@@ -171,6 +171,8 @@ def params_from_hf(state: dict, config: ModelConfig):
             raise UserError(f"weight {name} is missing from the checkpoint (config.json says n_layer={config.n_layer})")
         w = _to_numpy(state.pop(name))
         want = (config.vocab_size, shape[1]) if path == ("wte", "embedding") else shape
+        if path[-2] == "c_attn" and w.ndim == len(shape) - 2 and w.size == np.prod(shape):
+            w = w.reshape(shape)  # HF's fused [D, 3D] q|k|v is our [D, 3, H, Dh] (see models/gpt2.py)
         if w.shape != want:
             raise UserError(f"weight {name} has shape {w.shape}, config.json implies {want}")
         if path == ("wte", "embedding"):
@@ -210,6 +212,8 @@ def to_hf_state_dict(params, config: ModelConfig, dtype: str = "float32") -> dic
         w = np.asarray(w)
         if path == ("wte", "embedding"):
             w = w[: config.vocab_size]
+        if path[-2] == "c_attn":
+            w = w.reshape(w.shape[0], -1) if path[-1] == "kernel" else w.reshape(-1)
         state["transformer." + _hf_name(path)] = np.ascontiguousarray(w.astype(out_dtype))
     return state
 

@@ -1,0 +1,116 @@
+"""The KV cache every decoder family carries explicitly through its call, and the attention mask it implies.
+
+A cache is a pytree, not Flax's mutable "cache" collection, so `lax.scan`/`while_loop` can carry it, beam search
+can reorder its rows with a gather, and a serving engine can swap one row (slot) for another request.
+
+Slots are not positions. Each slot remembers the position of the token written there (`pos`, -1 = empty), and
+attention is decided by positions alone: query at position p may see slot s iff 0 <= pos[s] <= p (and, with a
+sliding window W, p - pos[s] < W). So left-padded batches (pad slots stay -1), rows at different lengths
+(continuous batching: each row writes at its own `index`) and sliding windows all use the same mask.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from aigc_jax.configs import compute_dtype
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_len` slots per row.
+
+    `index` is the next slot to write: one scalar for the whole batch (rows aligned by left padding, as in
+    offline generation) or one per row [B] (rows at their own lengths, as in a serving engine).
+    """
+
+    # Head-major, keys stored transposed: q·kᵀ and p·v then read the cache where it lies. With a [.., S, H, D]
+    # cache XLA copied every layer's keys and values into these layouts on every decoded token. (Per-layer
+    # buffers instead of one stacked array would also save slicing the layer out, but XLA's copy insertion
+    # then copies every loop-carried buffer per token: measured slower on CPU.)
+    k: jax.Array  # [L, B, Hkv, D, S]
+    v: jax.Array  # [L, B, Hkv, S, D]
+    pos: jax.Array  # [B, S] int32: position of the token in each slot, -1 = empty
+    index: jax.Array  # [] or [B] int32: next slot to write
+
+    @classmethod
+    def init(cls, config, batch_size: int, max_len: int | None = None, dtype=None, per_row: bool = False) -> "KVCache":
+        """An empty cache. `config` is any family's config (n_layer, n_kv_head, head_dim, n_positions, dtype)."""
+        max_len = max_len or config.n_positions
+        L, B, H, D = config.n_layer, batch_size, config.n_kv_head, config.head_dim
+        dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype(config)
+        return cls(
+            k=jnp.zeros((L, B, H, D, max_len), dtype),
+            v=jnp.zeros((L, B, H, max_len, D), dtype),
+            pos=jnp.full((B, max_len), -1, jnp.int32),
+            index=jnp.zeros((B,) if per_row else (), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.pos.shape[1]
+
+    def gather(self, rows_B: jax.Array) -> "KVCache":
+        """Reorders/duplicates batch rows (beam search keeps the cache of the beams it continues)."""
+        index = self.index if self.index.ndim == 0 else self.index[rows_B]
+        return self.replace(k=self.k[:, rows_B], v=self.v[:, rows_B], pos=self.pos[rows_B], index=index)
+
+    def with_positions(self, positions_BxT: jax.Array, mask_BxT: jax.Array | None) -> "KVCache":
+        """Records the positions of T new tokens at slots [index, index + T) (padding, mask False, stays -1)."""
+        new_BxT = positions_BxT.astype(jnp.int32)
+        if mask_BxT is not None:
+            new_BxT = jnp.where(mask_BxT, new_BxT, -1)
+        return self.replace(pos=write_slots(self.pos, new_BxT, self.index, slot_axis=1))
+
+    def advanced(self, T: int) -> "KVCache":
+        return self.replace(index=self.index + T)
+
+
+def write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array, slot_axis: int) -> jax.Array:
+    """Writes `new` into `buffer` ([B, …]) at `index` along `slot_axis`: one offset for all rows, or one per row."""
+    new = new.astype(buffer.dtype)
+    if index.ndim == 0:
+        at = [0] * buffer.ndim
+        at[slot_axis] = index
+        return lax.dynamic_update_slice(buffer, new, at)
+    # Per-row offsets: the same update vmapped over rows (XLA makes it a scatter).
+    return jax.vmap(lambda b, n, i: write_slots(b, n, i, slot_axis - 1))(buffer, new, index)
+
+
+def write_layer(cache_kv: tuple, layer: int | None, k_BxHxDxT: jax.Array, v_BxHxTxD: jax.Array, index: jax.Array):
+    """Writes one layer's new keys/values. `cache_kv` is (k, v) of this layer alone (nn.scan hands out slices;
+    layer=None) or of all layers stacked (layer = its index). Returns (updated cache_kv, this layer's (k, v))."""
+    k_cache, v_cache = cache_kv
+    if layer is None:
+        k_cache, v_cache = write_slots(k_cache, k_BxHxDxT, index, 3), write_slots(v_cache, v_BxHxTxD, index, 2)
+        return (k_cache, v_cache), (k_cache, v_cache)
+    if index.ndim == 0:
+        # Straight into the stacked cache: re-stacking per-layer results would copy every layer's cache per token.
+        k_cache = lax.dynamic_update_slice(k_cache, k_BxHxDxT[None].astype(k_cache.dtype), (layer, 0, 0, 0, index))
+        v_cache = lax.dynamic_update_slice(v_cache, v_BxHxTxD[None].astype(v_cache.dtype), (layer, 0, 0, index, 0))
+    else:
+        k_cache = k_cache.at[layer].set(write_slots(k_cache[layer], k_BxHxDxT, index, 3))
+        v_cache = v_cache.at[layer].set(write_slots(v_cache[layer], v_BxHxTxD, index, 2))
+    return (k_cache, v_cache), (k_cache[layer], v_cache[layer])
+
+
+def attention_mask(positions_BxT: jax.Array, mask_BxT: jax.Array | None, cache: KVCache | None,
+                   window: int | None = None) -> jax.Array | None:
+    """[B, T, S] bool "query t may see key s", or None for the plain causal case (which cuDNN serves).
+
+    With a cache, `cache.pos` already holds the T new tokens. Without one, keys are the T tokens themselves.
+    """
+    if cache is None:
+        if mask_BxT is None and window is None:
+            return None
+        kv_pos_BxS = positions_BxT if mask_BxT is None else jnp.where(mask_BxT, positions_BxT, -1)
+    else:
+        kv_pos_BxS = cache.pos
+    q_BxTx1, kv_Bx1xS = positions_BxT[:, :, None], kv_pos_BxS[:, None, :]
+    allowed = (kv_Bx1xS >= 0) & (kv_Bx1xS <= q_BxTx1)
+    if window is not None:
+        allowed &= q_BxTx1 - kv_Bx1xS < window
+    return allowed

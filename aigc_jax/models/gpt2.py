@@ -1,0 +1,183 @@
+"""GPT-2 in Flax linen, written to be read in one sitting.
+
+    tokens ─▶ wte + wpe ─▶ dropout ─▶ [ x + attn(ln_1(x)) ; x + mlp(ln_2(x)) ] × n_layer ─▶ ln_f ─▶ x·wteᵀ ─▶ logits
+
+It matches HF transformers' GPT2LMHeadModel given the same weights (tests/test_hf_interop.py): pre-LayerNorm
+blocks, tanh-GELU MLP, learned positions, LM head tied to the token embedding. Parameter names mirror HF's
+(`h_3/attn/c_attn/kernel` is HF's `h.3.attn.c_attn.weight`; HF's Conv1D already stores [in, out]). One layout
+differs: the fused q|k|v projection is stored [D, 3, H, Dh] rather than [D, 3D] (a reshape of HF's weight), so
+a tensor-parallel shard holds whole heads of q, k and v instead of a slice straddling the q|k boundary.
+
+Dtypes: params in `param_dtype` (fp32), activations in the compute dtype (`dtype`; "auto" = bf16 on GPU/TPU,
+fp32 on CPU), attention softmax, logits and everything downstream in fp32. The vocabulary is padded to
+`padded_vocab_size`; the padded ids get the most negative fp32 logit so they never win an argmax, a sample or a
+beam. The KV cache and the attention mask are shared with every family (models/cache.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aigc_jax.attention import attention, resolve_backend
+from aigc_jax.configs import ModelConfig, compute_dtype
+from aigc_jax.models import layers
+from aigc_jax.models.cache import KVCache, attention_mask, write_layer
+
+LAYER_PREFIX = "h"  # layers are h_0, h_1, … (unrolled) or one stacked "h" (scan_layers)
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def _dense(config: ModelConfig, features, name: str, std: float = 0.02, axis=-1) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        features,
+        axis=axis,
+        use_bias=config.bias,
+        dtype=compute_dtype(config),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(std),
+        name=name,
+    )
+
+
+def _residual_std(config: ModelConfig) -> float:
+    # GPT-2 scales the init of the two residual projections by 1/sqrt(2 * n_layer).
+    return 0.02 / math.sqrt(2 * config.n_layer)
+
+
+def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+    # Flax computes LayerNorm statistics in fp32 even for bf16 inputs.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        use_bias=config.bias,
+        dtype=compute_dtype(config),
+        param_dtype=jnp.dtype(config.param_dtype),
+        name=name,
+    )
+
+
+class Block(nn.Module):
+    """One pre-LayerNorm transformer block. Returns (x, updated layer KV or None) so nn.scan can carry x."""
+
+    config: ModelConfig
+    backend: str  # resolved attention backend ("xla" or "cudnn")
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD, layer_kv, mask_BxTxS, cache_index):
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
+        a_BxTxD, new_kv = CausalSelfAttention(cfg, self.backend, self.train, name="attn")(
+            _layer_norm(cfg, "ln_1")(x_BxTxD), layer_kv, mask_BxTxS, cache_index
+        )
+        x_BxTxD = x_BxTxD + drop(a_BxTxD)
+        x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxD)))
+        return x_BxTxD, new_kv
+
+
+class CausalSelfAttention(nn.Module):
+    config: ModelConfig
+    backend: str
+    train: bool
+
+    @nn.compact
+    def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, cache_index):
+        cfg = self.config
+        B, T, D = h_BxTxD.shape
+        H, Dh = cfg.n_head, cfg.head_dim
+        qkv_BxTx3xHxD = _dense(cfg, (3, H, Dh), "c_attn")(h_BxTxD)
+        q_BxTxHxD, k_BxTxHxD, v_BxTxHxD = (qkv_BxTx3xHxD[:, :, i] for i in range(3))
+        k_BxHxDxS, v_BxHxSxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
+        new_kv = None
+        if layer_kv is not None:
+            *kv, layer = layer_kv
+            new_kv, (k_BxHxDxS, v_BxHxSxD) = write_layer(tuple(kv), layer, k_BxHxDxS, v_BxHxSxD, cache_index)
+            k_BxHxDxS, v_BxHxSxD = k_BxHxDxS.astype(q_BxTxHxD.dtype), v_BxHxSxD.astype(q_BxTxHxD.dtype)
+        rate = cfg.attn_dropout if self.train else 0.0
+        o_BxTxHxD = attention(
+            q_BxTxHxD,
+            k_BxHxDxS,
+            v_BxHxSxD,
+            mask_BxTxS,
+            backend=self.backend,
+            dropout_rate=rate,
+            dropout_rng=self.make_rng("dropout") if rate > 0 else None,
+        )
+        return _dense(cfg, D, "c_proj", _residual_std(cfg))(o_BxTxHxD.reshape(B, T, D)), new_kv
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxD):
+        cfg = self.config
+        h_BxTxF = _ACTIVATIONS[cfg.activation](_dense(cfg, 4 * cfg.n_embd, "c_fc")(h_BxTxD))
+        return _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(h_BxTxF)
+
+
+class Decoder(nn.Module):
+    """The GPT-2 language model. `__call__` returns (fp32 logits over the padded vocab, updated cache or None)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array | None = None,
+        cache: KVCache | None = None,
+        mask_BxT: jax.Array | None = None,
+        train: bool = False,
+    ):
+        """tokens_BxT: int ids. positions_BxT: defaults to cache.index + 0..T-1 (left-padded batches pass
+        cumsum(mask) - 1). mask_BxT: False marks padding tokens, which no query may attend to; None = all real.
+        With `cache`, the T new keys/values are written at slots [index, index + T) and queries see every
+        earlier position in the cache. Dropout (train=True) needs `rngs={"dropout": key}`.
+        """
+        cfg = self.config
+        dtype, param_dtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
+        embed = lambda n, name: nn.Embed(
+            n, cfg.n_embd, dtype=dtype, param_dtype=param_dtype, embedding_init=nn.initializers.normal(0.02), name=name
+        )
+        wte, wpe = embed(cfg.padded_vocab_size, "wte"), embed(cfg.n_positions, "wpe")
+
+        positions_BxT = layers.default_positions(tokens_BxT, positions_BxT, cache)
+        x_BxTxD = wte(tokens_BxT) + wpe(positions_BxT)
+        x_BxTxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxTxD)
+
+        kv, start = None, None
+        if cache is not None:
+            kv, start = (cache.k, cache.v), cache.index
+            cache = cache.with_positions(positions_BxT, mask_BxT)
+        mask_BxTxS = attention_mask(positions_BxT, mask_BxT, cache)
+        backend = resolve_backend(
+            cfg.attention, dtype, cfg.head_dim, needs_mask=mask_BxTxS is not None, dropout=train and cfg.attn_dropout > 0
+        )
+        x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, mask_BxTxS, start)
+
+        x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
+        # Tied LM head; fp32 accumulation and output even when activations are bf16.
+        logits_BxTxV = jnp.einsum(
+            "btd,vd->btv", x_BxTxD.astype(dtype), wte.embedding.astype(dtype), preferred_element_type=jnp.float32
+        )
+        logits_BxTxV = layers.mask_padded_vocab(logits_BxTxV, cfg.vocab_size)
+        if cache is not None:
+            cache = cache.replace(k=kv[0], v=kv[1]).advanced(tokens_BxT.shape[1])
+        return logits_BxTxV, cache
+
+
+def lookup_params(config: ModelConfig) -> int:
+    """Parameters used by lookup, not matmul (excluded from 6N): the learned position embeddings."""
+    return config.n_positions * config.n_embd

@@ -1,0 +1,60 @@
+"""Pieces every decoder family shares: default positions, the layer stack (unrolled or nn.scan, with remat),
+and the padded-vocabulary logit mask."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aigc_jax.models.cache import KVCache
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def default_positions(tokens_BxT: jax.Array, positions_BxT: jax.Array | None, cache: KVCache | None) -> jax.Array:
+    """positions_BxT as given, else cache.index + 0..T-1 (per row when the cache has per-row indices)."""
+    if positions_BxT is not None:
+        return jnp.asarray(positions_BxT, jnp.int32)
+    B, T = tokens_BxT.shape
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    start_Bx1 = jnp.broadcast_to(jnp.reshape(start, (-1, 1)), (B, 1))
+    return start_Bx1 + jnp.arange(T, dtype=jnp.int32)[None]
+
+
+def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, mask_BxTxS, start):
+    """Applies config.n_layer blocks: `block_cls(*block_args)(x, layer_kv, mask, start) -> (x, new layer kv)`.
+
+    Unrolled (params `{prefix}_0`, `{prefix}_1`, …; each layer writes into the stacked cache in place) or, with
+    `scan_layers`, one nn.scan (params under `prefix` with a leading layer axis; compile time flat in depth).
+    Returns (x, the stacked (k, v) cache or None)."""
+    if config.remat != "none":
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        blocks = nn.scan(
+            block_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=config.n_layer,
+        )(*block_args, name=prefix)
+        scanned_kv = None if kv is None else (*kv, None)
+        x_BxTxD, kv = blocks(x_BxTxD, scanned_kv, mask_BxTxS, start)
+        return x_BxTxD, kv
+    for i in range(config.n_layer):
+        layer_kv = None if kv is None else (*kv, i)
+        x_BxTxD, new_kv = block_cls(*block_args, name=f"{prefix}_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start)
+        kv = kv if new_kv is None else new_kv
+    return x_BxTxD, kv
+
+
+def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """Gives ids >= vocab_size the most negative fp32 value: never chosen, and unlike -inf never a NaN source."""
+    if logits.shape[-1] == vocab_size:
+        return logits
+    keep = jnp.arange(logits.shape[-1]) < vocab_size
+    return jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
