@@ -1,14 +1,16 @@
 # The README's two commands: `make demo` (train a small model offline, then generate) and `make test`.
 # Each creates .venv on first use and installs what it needs, so both work on a fresh machine.
+# Installs are pinned by .ci/constraints.txt: the exact versions the test suite last passed with (`make lock`).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+LOCK ?= .ci/constraints.txt
+PIP := $(PY) -m pip install -q --disable-pip-version-check $(if $(wildcard $(LOCK)),-c $(LOCK))
 JOBS ?= 2
 
-.PHONY: demo test install install-test bench-cpu clean
+.PHONY: demo test install install-test bench-cpu lock clean
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml $(wildcard $(LOCK))
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -e .
 	touch $@
@@ -29,6 +31,11 @@ test: $(VENV)/.test
 
 bench-cpu: $(VENV)/.test
 	$(PY) benchmarks/run_cpu.py
+
+# After changing dependencies: `make clean && make install-test LOCK= && make test && make lock` re-resolves the
+# ranges in pyproject.toml, proves the suite passes with what was resolved, and records it.
+lock: $(VENV)/.test
+	$(PY) -m pip freeze --exclude-editable --disable-pip-version-check | sort > .ci/constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

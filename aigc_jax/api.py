@@ -8,6 +8,8 @@
 
 `generate`/`generate_ids` take one prompt or a list (batched; left-padded on device) and the keyword arguments of
 `aigc_jax.decode.GenerationConfig` (HF `generate`'s names). EOS defaults to the tokenizer's `<|endoftext|>`.
+Sampling draws a fresh seed per call unless `seed=` is given; `lm.last_seed` is the seed the last call used, so
+`lm.generate(prompt, temperature=0.8, seed=lm.last_seed)` reproduces a sample.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
-from aigc_jax import configs, model, modeldir
+from aigc_jax import compile_cache, configs, model, modeldir
 from aigc_jax import tokenizers as tok
 from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.decode.config import as_int
 from aigc_jax.errors import UserError
 
-# Config keys that change how the weights are run, not what they are: safe to override at load time.
-RUNTIME_KEYS = ("dtype", "attention", "scan_layers")
+RUNTIME_KEYS = configs.RUNTIME_KEYS  # how the weights run, not what they are: what `load(overrides=)` may change
 
 
 class LM:
@@ -32,6 +33,7 @@ class LM:
     def __init__(self, config: configs.ModelConfig, params, tokenizer: tok.Tokenizer | None, parallel: str = "none"):
         self.config, self.tokenizer = config, tokenizer
         self.generator = Generator(config, params, mode=parallel)
+        self.last_seed: int | None = None  # the seed of the last generate/stream call (fresh unless given)
 
     @property
     def params(self):
@@ -57,7 +59,9 @@ class LM:
         if unknown:
             hint = "greedy is temperature=0"
             raise UserError(f"generate: unknown argument {unknown[0]!r} ({hint}); known: {', '.join(known)}")
-        return GenerationConfig(**kwargs)
+        gen = GenerationConfig(**kwargs).with_seed()
+        self.last_seed = gen.seed
+        return gen
 
     def _batch(self, prompts) -> tuple[list[list[int]], bool]:
         """(token-id prompts, whether one prompt was given) for a str, a list of ids, or a list of either."""
@@ -113,7 +117,9 @@ def _is_token_id(x) -> bool:
 
 def load(src: str, parallel: str = "none", overrides: dict | None = None) -> LM:
     """An LM from a model dir, a training workdir, an HF GPT-2 dir, or a preset name (random weights, byte-level
-    tokenizer when the vocabulary is 257: for smoke tests and timing). `overrides`: RUNTIME_KEYS only."""
+    tokenizer when the vocabulary is 257: for smoke tests and timing). `overrides`: RUNTIME_KEYS only.
+    Turns on JAX's persistent compilation cache (aigc_jax/compile_cache.py) so a new process reuses executables."""
+    compile_cache.enable()
     config, params, tokenizer = load_model(src)
     if overrides:
         unknown = sorted(set(overrides) - set(RUNTIME_KEYS))

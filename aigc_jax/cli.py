@@ -12,10 +12,12 @@ import importlib.util
 import json
 import sys
 
+from aigc_jax import compile_cache
 from aigc_jax.errors import UserError
 
 COMMANDS = [
-    "aigc_jax.train.cli",  # train, eval, demo
+    "aigc_jax.train.cli",  # train, eval
+    "aigc_jax.demo",  # demo
     "aigc_jax.decode.cli",  # generate
     "aigc_jax.interop.cli",  # convert
 ]
@@ -29,6 +31,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="aigc-jax", description="GPT-2-family language models in JAX: train, evaluate, generate.")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not read or write JAX's persistent compilation cache (see aigc_jax/compile_cache.py)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _register_info(sub)
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_closed_event_loop()
+    compile_cache.enable(disabled=args.no_compile_cache)
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -70,16 +75,9 @@ def _quiet_closed_event_loop() -> None:
     sys.unraisablehook = hook
 
 
-def add_model_args(p: argparse.ArgumentParser, default: str | None = "gpt2") -> None:
-    """--model / --config / --set, shared by every command that builds a model from a preset."""
-    p.add_argument("--model", default=default, help="preset name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, baby, tiny")
-    p.add_argument("--config", metavar="FILE", help="JSON/TOML file with a 'model' section (or model keys at the top)")
-    p.add_argument(
-        "--set", metavar="KEY=VALUE", action="append", default=[], help="override a model config key (repeatable)"
-    )
-
-
 def _register_info(sub) -> None:
+    from aigc_jax.configs import add_model_args
+
     p = sub.add_parser("info", help="show a model config, its size and FLOPs; optionally run one forward pass")
     add_model_args(p)
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: n_positions)")

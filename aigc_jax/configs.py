@@ -14,9 +14,6 @@ import types
 import typing
 from typing import Any, ClassVar, TypeVar
 
-import jax
-import jax.numpy as jnp
-
 from aigc_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -114,6 +111,9 @@ def config_from_dict(data: dict, prefix: str = "model.") -> ModelConfig:
 def compute_dtype(config):
     """The concrete compute dtype of `config`: "auto" is bfloat16 where matmuls want it (GPU/TPU), float32 on CPU
     (XLA's CPU bf16 matmuls are slower than fp32, see benchmarks/NOTES.md)."""
+    import jax  # here, not at the top: parsing flags and configs should not load JAX
+    import jax.numpy as jnp
+
     if config.dtype == "auto":
         return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32)
     return jnp.dtype(config.dtype)
@@ -298,3 +298,18 @@ def model_config(
     if overrides:
         config = with_overrides(config, overrides, "model.")
     return config
+
+
+def add_model_args(p, default: str | None = "gpt2") -> None:
+    """--model / --config / --set on an argparse parser: every command that builds a model from a preset."""
+    p.add_argument("--model", default=default, help=f"preset name: {', '.join(PRESETS)}"
+                   + (f" (default {default})" if default else ""))
+    p.add_argument("--config", metavar="FILE", help="JSON/TOML file with a 'model' section (or model keys at the top)")
+    p.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key (repeatable)"
+    )
+
+
+def model_keys() -> set[str]:
+    """Every model config key of every family (what --set may name without a "model." prefix)."""
+    return {f.name for cls in FAMILIES.values() for f in dataclasses.fields(cls)}

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from aigc_jax import fileio
 from aigc_jax.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -55,6 +56,24 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception, e.g. a char vocabulary meeting a new character
             raise UserError(f"cannot encode text: {e}{self._unknown_chars_hint(texts)}") from None
 
+    @property
+    def ordinary(self) -> tokenizers.Tokenizer:
+        """A copy of the HF tokenizer that encodes special-token strings as plain text (tiktoken's encode_ordinary):
+        training text that *contains* "<|endoftext|>" is text, not a document boundary; only the data pipeline
+        inserts EOT ids between documents."""
+        if getattr(self, "_ordinary", None) is None:
+            self._ordinary = tokenizers.Tokenizer.from_str(self.hf.to_str())
+            self._ordinary.encode_special_tokens = True
+        return self._ordinary
+
+    def encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Like encode_batch, but special-token strings in the text are ordinary text."""
+        try:
+            return [e.ids for e in self.ordinary.encode_batch(list(texts), add_special_tokens=False)]
+        except Exception:  # tokenizers raises a bare Exception (e.g. a character outside a char-level vocabulary)
+            self.encode_batch(texts)  # raises the UserError naming the cause
+            raise
+
     def _unknown_chars_hint(self, texts: Sequence[str]) -> str:
         if not isinstance(self.hf.model, models.WordLevel):
             return ""
@@ -74,7 +93,7 @@ class Tokenizer:
     def save(self, directory: str | os.PathLike) -> str:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, FILE)
-        self.hf.save(path)
+        fileio.atomic_save(path, self.hf.save)
         return path
 
     def __repr__(self):

@@ -93,7 +93,7 @@ def direct_tokens(source: str, tokenizer, skip_unreadable: bool = False):
     """The tfds-free path: the library's split rule (`sources.documents`) and tokenization (`encode_documents`),
     held in memory. `skip_unreadable` drops documents that are not UTF-8 (counted in stats) instead of failing."""
     from aigc_jax.data import TokenData
-    from aigc_jax.data.corpus import encode_documents
+    from aigc_jax.data.corpus import content_hash, encode_documents
     from aigc_jax.errors import UserError
 
     name, key, docs, stats = read_documents(source, skip_unreadable)
@@ -107,7 +107,7 @@ def direct_tokens(source: str, tokenizer, skip_unreadable: bool = False):
             raise UserError(f"{name}: the {split} split has no text")
     bytes_per_token = stats["validation"]["bytes"] / stats["validation"]["tokens"]
     return TokenData(name, splits["train"], splits["validation"], bytes_per_token, tokenizer.eot_id,
-                     f"direct/{key}", {"splits": stats})
+                     f"direct/{key}", {"splits": stats}, content_hash(splits))
 
 
 def read_documents(source: str, skip_unreadable: bool = False) -> tuple[str, str, dict[str, list[str]], dict]:

@@ -135,10 +135,13 @@ def main(argv=None) -> int:
         before_lm = api.LM(run.model_config, init_params(run.model_config, jax.random.key(train_config.seed)),
                            run.tokenizer)  # exactly the weights the run starts from
     else:
-        # Shapes come from the source model; only runtime knobs (dropout, dtype, …) are taken from here.
-        model_config = configs.get_preset("tiny").replace(dropout=0.0, attn_dropout=0.0)
-        model_config, train_config = common.apply_overrides(model_config, train_config, args.set)
-        run = loop.prepare(workdir, model_config, train_config, train_file, args.data_dir, init_from=args.init_from)
+        # The source's architecture and runtime settings; this recipe fine-tunes without dropout, plus any --set.
+        from aigc_jax.train.cli import split_overrides
+
+        model_over, train_over = split_overrides(args.set)
+        train_config = configs.with_overrides(train_config, train_over, "train.")
+        run = loop.prepare(workdir, None, train_config, train_file, args.data_dir, init_from=args.init_from,
+                           model_overrides={"dropout": 0.0, "attn_dropout": 0.0, **model_over})
         before_lm = api.load(args.init_from)
 
     before, _ = exact_match(before_lm, test_rows)

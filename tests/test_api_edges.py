@@ -44,6 +44,22 @@ def test_hf_style_eos_and_numpy_integers(lm):
     assert GenerationConfig(eos_ids=[5, np.int32(6)], seed=np.uint32(1)) == GenerationConfig(eos_ids=(5, 6), seed=1)
 
 
+def test_a_prompt_filling_the_context_is_accepted(lm):
+    # The context error above says "at most 64 tokens": a 64-token prompt must indeed yield its one new token.
+    assert len(lm.generate_ids([1] * 64, max_new_tokens=1, temperature=0, eos_ids=())) == 1
+
+
+def test_sampling_draws_a_fresh_seed_per_call_and_reports_it(lm):
+    """HF samples afresh on every call; the seed used is reported so any sample can be reproduced."""
+    knobs = dict(max_new_tokens=24, temperature=1.0, eos_ids=())
+    first = lm.generate_ids("Hi", **knobs)
+    seed = lm.last_seed
+    second = lm.generate_ids("Hi", **knobs)
+    assert isinstance(seed, int) and lm.last_seed != seed
+    assert first != second  # 24 draws from a near-uniform 257-way distribution: equal by chance with p ~ 257**-24
+    assert lm.generate_ids("Hi", seed=seed, **knobs) == first and lm.last_seed == seed
+
+
 def test_stream_chunks(lm):
     gen = lm.config_for(max_new_tokens=5, temperature=0, eos_ids=())
     chunks = [c[0] for c in lm.generator.stream([[104, 105]], gen, chunk=1)]
@@ -57,9 +73,9 @@ def test_stream_chunks(lm):
 @pytest.mark.parametrize(
     "call, needle",
     [
-        (lambda lm: lm.generate_ids([1] * 70, max_new_tokens=1), "shorten it to at most 63 tokens"),
+        (lambda lm: lm.generate_ids([1] * 70, max_new_tokens=1), "shorten it to at most 64 tokens"),
         (lambda lm: lm.generate_ids([1] * 64, max_new_tokens=2), "use at most 1 new tokens"),
-        (lambda lm: lm.generate_ids("Hi", seed=None), "--seed must be an integer"),
+        (lambda lm: lm.generate_ids("Hi", seed=1.5), "--seed must be an integer"),
         (lambda lm: lm.generate_ids("Hi", eos_ids=1.5), "eos ids must be an int or a list of ints"),
         (lambda lm: lm.generate_ids("Hi", do_sample=False), "unknown argument 'do_sample'"),
         (lambda lm: lm.encode(["a", "b"]), "can only encode text"),

@@ -27,7 +27,7 @@ def tiny(tmp_path_factory) -> dict:
     from aigc_jax import configs, model, modeldir
     from aigc_jax import tokenizers as tok
     from aigc_jax.train import optimizer
-    from aigc_jax.train.checkpoint import Checkpoints
+    from aigc_jax.checkpoints import Checkpoints
     from aigc_jax.train.config import TrainConfig
     from aigc_jax.train.step import init_state
 

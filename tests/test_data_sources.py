@@ -29,7 +29,7 @@ class CountingHF:
 
 def counting_byte_level():
     tok = tokenizers.byte_level()
-    tok.hf = CountingHF(tok.hf)
+    tok.hf = tok._ordinary = CountingHF(tok.ordinary)  # the data pipeline encodes through `ordinary`
     return tok
 
 
@@ -197,17 +197,47 @@ def test_a_failed_build_leaves_no_cache_behind(tmp_path):
     assert [p.name for p in (tmp_path / "c").iterdir()] == [".key.lock"]  # no cache, no temporary left
 
 
-def test_long_documents_are_encoded_in_pieces_with_identical_ids(monkeypatch, shakespeare_path):
-    text = shakespeare_path.read_text()[:200_000]
+def _generated_text(n_lines: int, seed: int = 0) -> str:
+    """Python-looking text with words, indentation, blank lines and non-ASCII: enough variety for BPE merges."""
+    rng = np.random.default_rng(seed)
+    words = ["def", "return", "self", "value", "naïve", "x", "if", "else:", "for", "in", "range(10)", "café", "#"]
+    lines = []
+    for i in range(n_lines):
+        indent = " " * int(rng.choice([0, 4, 8]))
+        lines.append(indent + " ".join(rng.choice(words, int(rng.integers(1, 8)))) + ("\n" if i % 7 == 0 else ""))
+    return "\n".join(lines) + "\n"
+
+
+def test_long_documents_are_encoded_in_pieces_with_identical_ids(monkeypatch):
+    from tokenizers import pre_tokenizers
+
+    text = _generated_text(20_000)
     bpe = tokenizers.train_bpe([text], 600)
-    whole = {"bpe": bpe.encode(text), "byte": tokenizers.byte_level().encode(text)}
+    prefixed = tokenizers.Tokenizer(tokenizers.tokenizers.Tokenizer.from_str(bpe.hf.to_str()))
+    prefixed.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
     monkeypatch.setattr(corpus, "_PIECE_CHARS", 5000)
     assert len(corpus._line_pieces(text)) > 30
-    for name, tok in (("bpe", bpe), ("byte", tokenizers.byte_level())):
-        assert corpus._line_split_is_exact(tok)
+    for tok, exact in ((bpe, True), (tokenizers.byte_level(), True), (prefixed, False),
+                       (tokenizers.char_level(text), False)):
+        assert corpus._line_split_is_exact(tok) == exact
         ids = np.concatenate(list(corpus.encode_documents([text], tok)))
-        assert ids.tolist() == whole[name] + [tok.eot_id]
-    assert not corpus._line_split_is_exact(tokenizers.char_level(text))
+        assert ids.tolist() == tok.encode(text) + [tok.eot_id]
+    # What the check guards against: cutting a prefix-space tokenizer's text in pieces changes its ids.
+    pieces = corpus._line_pieces(text)
+    assert sum(prefixed.encode_batch(pieces), []) != prefixed.encode(text)
+
+
+def test_end_of_text_inside_a_document_is_text_not_a_boundary(tmp_path):
+    """nanoGPT's encode_ordinary rule: only the pipeline puts EOT ids between documents."""
+    byte = tokenizers.byte_level()
+    (tmp_path / "a.txt").write_text("a<|endoftext|>b\n" * 50)
+    (tmp_path / "b.txt").write_text("plain text\n" * 50)
+    ds = data.load(str(tmp_path), byte, data_dir=tmp_path / "d")
+    stream = np.concatenate([np.asarray(ds.train), np.asarray(ds.validation)])
+    assert int((stream == byte.eot_id).sum()) == 2  # one after each document, none from the literal text
+    assert bytes(stream[stream < 256].astype(np.uint8)).count(b"<|endoftext|>") == 50
+    assert list(corpus.encode_documents(["a<|endoftext|>b"], byte))[0].tolist() == list(b"a<|endoftext|>b") + [256]
+    assert byte.encode("a<|endoftext|>b") == [97, 256, 98]  # prompts may still name the special token
 
 
 def test_tiny_shakespeare_as_a_local_file(tmp_path, shakespeare_path):

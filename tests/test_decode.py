@@ -13,9 +13,12 @@ from aigc_jax import tokenizers as tok
 from aigc_jax.cli import main as cli_main
 from aigc_jax.decode import GenerationConfig, Generator, time_decode
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-hf_interop = pytest.importorskip("aigc_jax.interop.hf")
+from aigc_jax.interop import hf as hf_interop
+
+
+def _torch():
+    """torch and transformers for the HF-oracle tests only: the rest of this file needs neither."""
+    return pytest.importorskip("torch"), pytest.importorskip("transformers")
 
 N = 20  # new tokens in the HF comparisons
 PROMPT_LENGTHS = (5, 11, 2, 8)
@@ -27,6 +30,7 @@ def build_hf_gpt2(path, vocab_size, n_positions=64, seed=0):
     The large init keeps next-token distributions far from uniform, so greedy/beam choices are not near-ties
     that fp32 rounding could flip between implementations.
     """
+    torch, transformers = _torch()
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
                                   bos_token_id=0, eos_token_id=0, initializer_range=0.3)
@@ -40,6 +44,7 @@ def build_hf_gpt2(path, vocab_size, n_positions=64, seed=0):
 
 def hf_generate(m, prompts, max_new_tokens, eos_ids, pad_id=None, **kwargs):
     """HF's generate on a left-padded batch; generated ids padded to max_new_tokens with the pad id."""
+    torch, _ = _torch()
     pad_id = eos_ids[0] if pad_id is None else pad_id
     P = max(map(len, prompts))
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
@@ -57,6 +62,7 @@ def hf_generate(m, prompts, max_new_tokens, eos_ids, pad_id=None, **kwargs):
 
 @pytest.fixture(scope="module")
 def hf_setup(tmp_path_factory):
+    torch, _ = _torch()
     path = tmp_path_factory.mktemp("hf_gpt2")
     m = build_hf_gpt2(path, vocab_size=97)
     config, params, _ = hf_interop.load_hf_dir(path)
@@ -258,17 +264,27 @@ def test_one_vs_eight_devices_identical():
 # ------------------------------------------------------------------------------------------------- CLI and API
 
 
+def save_random_hf_gpt2(path, with_tokenizer=True):
+    """An HF GPT-2 dir written by our exporter (no torch needed): random weights far from uniform, and a byte-level
+    tokenizer (257 ids, <|endoftext|> = 256)."""
+    cfg = configs.get_preset("tiny").replace(n_positions=48)
+    params = jax.tree.map(lambda x: x * 3, model.init_params(cfg, jax.random.key(5)))
+    hf_interop.save_hf_dir(path, cfg, params, tok.byte_level() if with_tokenizer else None)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    """An HF GPT-2 dir with a byte-level tokenizer (257 ids, <|endoftext|> = 256)."""
-    path = tmp_path_factory.mktemp("hf_text")
-    m = build_hf_gpt2(path, vocab_size=257, n_positions=48, seed=1)
-    tok.byte_level().save(path)
-    return str(path), m
+    return save_random_hf_gpt2(tmp_path_factory.mktemp("hf_text"))
+
+
+def load_hf_model(path):
+    _, transformers = _torch()
+    return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
 
 
 def test_cli_json_equals_hf_generate(text_model):
-    path, m = text_model
+    path, m = text_model, load_hf_model(text_model)
     prompts = ["Hello", "Once upon a time"]
     args = ["generate", "--model", path, "--max-new-tokens", "12", "--temperature", "0", "--json"]
     proc = run_cli(*args, *sum((["--prompt", p] for p in prompts), []))
@@ -297,7 +313,7 @@ def _cli_error(capsys, *args):
 
 
 def test_cli_errors(text_model, capsys, tmp_path):
-    path, _ = text_model
+    path = text_model
     base = ["--model", path, "--prompt", "hi"]
     assert "prompt 0 is empty" in _cli_error(capsys, "--model", path, "--prompt", "")
     assert "context of 48" in _cli_error(capsys, *base, "--max-new-tokens", "48")
@@ -312,14 +328,12 @@ def test_cli_errors(text_model, capsys, tmp_path):
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "config.json").write_text("{not json")
     assert "config.json" in _cli_error(capsys, "--model", str(tmp_path / "corrupt"), "--prompt", "hi")
-    untokenized = tmp_path / "no_tokenizer"
-    build_hf_gpt2(untokenized, vocab_size=257, n_positions=48)
-    capsys.readouterr()  # HF's save progress bar
-    assert "no tokenizer" in _cli_error(capsys, "--model", str(untokenized), "--prompt", "hi")
+    untokenized = save_random_hf_gpt2(tmp_path / "no_tokenizer", with_tokenizer=False)
+    assert "no tokenizer" in _cli_error(capsys, "--model", untokenized, "--prompt", "hi")
 
 
 def test_cli_prompts_file_and_stream(text_model, capsys, tmp_path):
-    path, _ = text_model
+    path = text_model
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello\n\nworld\n")
     assert cli_main(["generate", "--model", path, "--prompts-file", str(prompts), "--max-new-tokens", "9",
@@ -331,14 +345,19 @@ def test_cli_prompts_file_and_stream(text_model, capsys, tmp_path):
     assert capsys.readouterr().out == "Hello" + rows[0]["text"] + "\n"
 
 
-def test_python_api(text_model):
-    path, m = text_model
-    lm = api.load(path)
+def test_python_api_equals_hf(text_model):
+    lm, m = api.load(text_model), load_hf_model(text_model)
     ids = lm.encode("Once upon a time")
-    assert lm.decode(ids) == "Once upon a time"
     out_ids = lm.generate_ids(ids, max_new_tokens=10, temperature=0)
     ref = hf_generate(m, [ids], 10, [lm.tokenizer.eot_id], do_sample=False)[0].tolist()
     assert out_ids == ref[: len(out_ids)] and len(out_ids) >= 1
+
+
+def test_python_api(text_model):
+    lm = api.load(text_model)
+    ids = lm.encode("Once upon a time")
+    assert lm.decode(ids) == "Once upon a time"
+    out_ids = lm.generate_ids(ids, max_new_tokens=10, temperature=0)
     text = lm.generate("Once upon a time", max_new_tokens=10, temperature=0)
     assert text == lm.decode(lm.strip_eos(out_ids, [lm.tokenizer.eot_id]))
     batch = lm.generate(["Once upon a time", "Hi"], max_new_tokens=10, temperature=0)

@@ -123,10 +123,21 @@ def test_last_word_accuracy_matches_hf_greedy(tiny_model, hf_model):
 def test_lambada_split_and_aggregates(tiny_model):
     assert zs.split_last_word("He looked at the  dog\n") == ("He looked at the ", " dog")
     scorer = zs.Scorer(TINY, tiny_model[1], batch_size=2)
-    out = zs.lambada(scorer, tok.byte_level(), ["a b cat", "the quick fox"])
-    assert out["examples"] == 2 and 0 <= out["acc"] <= out["acc_first_token"] <= 100
-    scores = zs.last_word_scores(scorer, [(list(b"a b"), list(b" cat")), (list(b"the quick"), list(b" fox"))])
-    assert out["ppl"] == pytest.approx(math.exp((scores[0]["nll"] + scores[1]["nll"]) / 2))
+    passages = ["a b cat", "the quick fox", "to be or not to be", "x y z"]
+    out = zs.lambada(scorer, tok.byte_level(), passages)
+    # Oracle: greedy decoding from each context, compared with the last word token by token.
+    from aigc_jax.decode import GenerationConfig, Generator
+
+    generator, correct, first = Generator(TINY, tiny_model[1]), 0, 0
+    for passage in passages:
+        context, word = (list(t.encode()) for t in zs.split_last_word(passage))
+        (greedy,) = generator.generate([context], GenerationConfig(max_new_tokens=len(word), temperature=0, eos_ids=()))
+        correct, first = correct + (greedy == word), first + (greedy[0] == word[0])
+    assert out["examples"] == 4
+    assert (out["acc"], out["acc_first_token"]) == (100.0 * correct / 4, 100.0 * first / 4)
+    pairs = [tuple(list(t.encode()) for t in zs.split_last_word(p)) for p in passages]
+    scores = zs.last_word_scores(scorer, pairs)
+    assert out["ppl"] == pytest.approx(math.exp(sum(s["nll"] for s in scores) / 4))
     with pytest.raises(Exception, match="last word"):
         zs.split_last_word("single")
 
@@ -156,7 +167,12 @@ def test_zero_shot_script_end_to_end(tiny_model, tmp_path):
                       "--lambada", tmp_path / "lambada.jsonl", "--stride", "32", "--results-dir", tmp_path / "res")
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "res" / "summary.json").read_text())["results"]
-    assert results["wikitext2"]["published"] == {"word_ppl": 29.41} and results["wikitext2"]["word_ppl"] > 1
+    assert results["wikitext2"]["published"] == {"word_ppl": 29.41}
+    # The script wires the library's sliding-window scorer (checked against HF above) with its defaults: the same
+    # number in process, from the file's text with the WikiText detokenizer and an end-of-text first.
+    direct = zs.perplexity(zs.Scorer(TINY, tiny_model[1], 8), tok.byte_level(), (tmp_path / "wiki.txt").read_text(),
+                           TINY.n_positions, 32, "wikitext", True)
+    assert results["wikitext2"]["word_ppl"] == pytest.approx(direct["word_ppl"], rel=1e-6)
     assert results["lambada"]["examples"] == 5
     assert_one_line_error(run_script("gpt2_zero_shot.py", "--model", tiny_model[0], "--ptb", tmp_path / "missing.txt"),
                           "missing.txt")
@@ -262,7 +278,7 @@ def test_gpt2_124m_cpu_smoke(tmp_path):
     assert run_main(gpt2_124m, *args) == 0
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
     assert summary["train"]["grad_accum"] == 4 and summary["tokens_per_step"] == 16 * 32
-    assert summary["vocab_size"] == 300 and summary["final_step"] == 2 and summary["median_tokens_per_sec"] > 0
+    assert summary["vocab_size"] == 300 and summary["final_step"] == 2
     with pytest.raises(Exception, match="micro-batch"):
         gpt2_124m.configs_for("smoke", None, 7, [], "cpu")
 
@@ -273,5 +289,12 @@ def test_finetune_sft_demo_from_random_weights(tmp_path):
             "--results-dir", tmp_path / "res", "--set", "n_layer=1"]
     assert run_main(finetune_sft, *args) == 0
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
-    assert summary["test_examples"] == 4 and 0 <= summary["exact_match_after"] <= 100
-    assert all(set(e) >= {"prompt", "completion", "output", "correct"} for e in summary["examples_after"])
+    # The reported outputs are the trained model's own greedy completions, and the score is their exact-match rate.
+    from aigc_jax import api
+
+    lm, graded = api.load(str(tmp_path / "run")), summary["examples_after"]
+    assert summary["test_examples"] == len(graded) == 4
+    assert [e["output"] for e in graded] == lm.generate([e["prompt"] for e in graded], max_new_tokens=12,
+                                                         temperature=0)
+    assert all(e["correct"] == (e["output"] == e["completion"]) for e in graded)
+    assert summary["exact_match_after"] == 100.0 * sum(e["correct"] for e in graded) / 4

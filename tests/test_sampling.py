@@ -13,8 +13,11 @@ from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.decode.sampling import make_knobs, row_keys, sample, suppress_eos, warp
 from aigc_jax.errors import UserError
 
-torch = pytest.importorskip("torch")
-logits_process = pytest.importorskip("transformers.generation.logits_process")
+
+
+def _hf():
+    """torch and HF's logits processors, for the oracle comparisons only (the statistics tests need neither)."""
+    return pytest.importorskip("torch"), pytest.importorskip("transformers.generation.logits_process")
 
 
 @functools.partial(jax.jit, static_argnames=("use_top_k", "use_top_p"))
@@ -29,6 +32,7 @@ def ours(logits, temperature=1.0, top_k=0, top_p=1.0):
 
 def hf(logits, temperature=1.0, top_k=0, top_p=1.0):
     """HF's sampling warpers in the order and under the conditions `generate` builds them (min_tokens_to_keep=1)."""
+    torch, logits_process = _hf()
     scores = torch.tensor(logits)
     if temperature != 1.0:
         scores = logits_process.TemperatureLogitsWarper(temperature)(None, scores)
@@ -88,6 +92,7 @@ def test_warpers_with_tied_logits(setting):
 
 
 def test_suppress_eos_is_hf_min_new_tokens():
+    torch, logits_process = _hf()
     rng = np.random.default_rng(2)
     logits = rng.standard_normal((3, 50)).astype(np.float32)
     eos = np.int32([4, 9])

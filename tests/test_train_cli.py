@@ -37,7 +37,7 @@ def train_args(corpus, workdir, *extra):
 def final_params(workdir) -> dict:
     from flax import traverse_util
 
-    from aigc_jax.train.checkpoint import load_inference
+    from aigc_jax.modeldir import load_workdir as load_inference
 
     _, params, _ = load_inference(str(workdir))
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
@@ -144,7 +144,7 @@ def test_eval_matches_an_independent_computation(corpus, tmp_path):
     import jax.numpy as jnp
 
     from aigc_jax import data, model
-    from aigc_jax.train.checkpoint import load_inference
+    from aigc_jax.modeldir import load_workdir as load_inference
 
     workdir = tmp_path / "run"
     assert run_cli(*train_args(corpus, workdir, "--steps", "5")).returncode == 0
@@ -200,7 +200,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(corpus, tmp_path
         (["--steps", "3", "--batch-size", "9", "--grad-accum", "2"], "divisible"),
         (["--steps", "3", "--set", "bogus=1"], "unknown key"),
         (["--steps", "3", "--seq-len", "1000"], "exceeds"),
-        (["--steps", "3", "--init-from", str(tmp_path / "nope")], "does not exist"),
+        (["--steps", "3", "--init-from", str(tmp_path / "nope")], "drop --model"),  # the source has the architecture
         (["--steps", "3", "--config", str(tmp_path / "nope.json")], "does not exist"),
         (["--steps", "3", "--tokenizer", "wordpiece"], "--tokenizer"),
     ]
@@ -208,6 +208,10 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(corpus, tmp_path
         assert_one_line_error(run_cli(*train_args(corpus, workdir, *extra)), needle)
     missing = ["train", *TINY, "--data", str(tmp_path / "missing.txt"), "--workdir", str(workdir), "--steps", "3"]
     assert_one_line_error(run_cli(*missing), "missing.txt")
+    no_source = ["train", *TINY[2:], "--data", corpus["data"], "--workdir", tmp_path / "fresh", "--init-from",
+                 tmp_path / "nope"]
+    assert_one_line_error(run_cli(*no_source), "does not exist")
+    assert not (tmp_path / "fresh").exists()
     assert snapshot(workdir) == before
 
     # A corrupt checkpoint is an error naming it, never a silent restart from scratch.

@@ -96,9 +96,10 @@ def _local_slice(global_batch: int, process_index: int, process_count: int) -> t
 
 @functools.lru_cache(maxsize=4)
 def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """A seeded permutation of n rows; epoch -1 is the validation sample's (a stream no training epoch uses)."""
     # Built from the bit generator's raw stream (which NumPy keeps stable across releases) rather than
     # Generator.permutation (whose algorithm may change), so a resumed run gets the same order after upgrades.
-    keys = np.random.PCG64(np.random.SeedSequence([seed, epoch])).random_raw(n)
+    keys = np.random.PCG64(np.random.SeedSequence([seed, epoch] if epoch >= 0 else [seed, 0, 2])).random_raw(n)
     return np.argsort(keys, kind="stable")
 
 
@@ -150,15 +151,21 @@ class Batches:
 
 
 def eval_batches(data: np.ndarray | Examples, seq_len: int, global_batch: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Batch]:
-    """One complete pass over the validation rows in order: ceil(n / global_batch) batches on every process,
-    the last padded with loss_mask = 0 rows, so each row counts exactly once across all processes."""
+                 process_count: int = 1, max_batches: int = 0, seed: int = 0) -> Iterator[Batch]:
+    """Validation batches: one complete pass over the rows in order (max_batches = 0, or at least the pass length),
+    else `max_batches` batches of rows drawn without replacement from the whole split by `seed` (in split order;
+    the same rows at every call, so periodic estimates are comparable and unbiased for the whole split).
+    Every process gets the same number of batches, the last padded with loss_mask = 0 rows, so each chosen row
+    counts exactly once across all processes."""
     rows = _rows(data, seq_len, "validation")
     offset, local = _local_slice(global_batch, process_index, process_count)
-    for start in range(0, rows.n, global_batch):
-        idx = start + offset + np.arange(local, dtype=np.int64)
-        real = idx < rows.n
-        batch = rows.rows(np.where(real, idx, 0))
+    order = np.arange(rows.n, dtype=np.int64)
+    if max_batches and max_batches * global_batch < rows.n:
+        order = np.sort(_permutation(seed, -1, rows.n)[: max_batches * global_batch])
+    for start in range(0, len(order), global_batch):
+        at = start + offset + np.arange(local, dtype=np.int64)
+        real = at < len(order)
+        batch = rows.rows(order[np.where(real, at, 0)])
         batch["loss_mask"][~real] = 0.0
         batch["tokens"][~real] = 0
         yield batch

@@ -69,7 +69,11 @@ def _lock(path: Path):
 
 
 def read(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    meta = json.loads((Path(directory) / META).read_text())
+    return read_arrays(directory, json.loads((Path(directory) / META).read_text()))
+
+
+def read_arrays(directory: Path, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
+    """The arrays `meta` lists, memory-mapped from `directory` (a finished cache or a build in progress)."""
     arrays = {}
     for name, spec in meta["arrays"].items():
         dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _BATCH_CHARS = 4 << 20  # text per encode_batch call: enough for all cores, bounded memory
 _PIECE_CHARS = 1 << 20  # long documents are encoded in pieces of about this size (see _line_pieces)
 _LINE_START = re.compile(r"\n(?=\S)")
-_CACHE = "tokens-v1"  # bumped whenever the cache's layout or meta.json changes
+_CACHE = "tokens-v2"  # bumped whenever the cache's layout, meta.json or the ids it holds change
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,11 @@ class TokenData:
     validation: np.ndarray | examples.Examples
     bytes_per_token: float
     eot_id: int
-    key: str  # "<source key>/<tokenizer hash>": names this exact token stream (store it with checkpoints)
+    key: str  # "<source key>/<tokenizer hash>": where this token stream is cached
     stats: dict = field(repr=False, default_factory=dict)
+    content_hash: str = ""  # SHA-256 (16 hex) of every token of both splits: what a resumed run checks
+
+
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -58,12 +61,25 @@ def load(source: str, tokenizer, data_dir: str | Path | None = None) -> TokenDat
     src = sources.parse(source, data_dir, explicit)
     key = f"{src.key}/{tokenizer_hash(tokenizer)}"
     if src.kind == "jsonl":
-        meta, arrays = cache.cached(data_dir / _CACHE / key, lambda tmp: examples.build(src, tokenizer, tmp))
+        meta, arrays = cache.cached(data_dir / _CACHE / key, lambda tmp: _hashed(examples.build(src, tokenizer, tmp), tmp))
         train, validation = examples.from_cache(arrays, "train"), examples.from_cache(arrays, "validation")
     else:
-        meta, arrays = cache.cached(data_dir / _CACHE / key, lambda tmp: _build_stream(src, tokenizer, data_dir, tmp))
+        meta, arrays = cache.cached(data_dir / _CACHE / key,
+                                    lambda tmp: _hashed(_build_stream(src, tokenizer, data_dir, tmp), tmp))
         train, validation = arrays["train"], arrays["validation"]
-    return TokenData(src.name, train, validation, meta["bytes_per_token"], meta["eot_id"], key, meta)
+    return TokenData(src.name, train, validation, meta["bytes_per_token"], meta["eot_id"], key, meta,
+                     meta["content_hash"])
+
+
+def content_hash(arrays: dict[str, np.ndarray]) -> str:
+    """A hash of token arrays (names, dtypes, shapes and values): the same tokens give the same hash anywhere."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\0{a.dtype.name}\0{a.shape}\0".encode())
+        for start in range(0, a.size, 1 << 24):  # in pieces: a memory-mapped stream may be larger than RAM
+            h.update(a.reshape(-1)[start : start + (1 << 24)].tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_text(source: str, data_dir: str | Path | None = None, split: str = "train") -> str:
@@ -79,6 +95,12 @@ def load_text(source: str, data_dir: str | Path | None = None, split: str = "tra
 
     _, docs = builders.documents(src, data_dir)[split]
     return "\n".join(doc.decode("utf-8", errors="replace") for doc in docs)
+
+
+def _hashed(meta: dict, tmp: Path) -> dict:
+    """meta with the content hash of the arrays just written to `tmp` (computed once, at build time)."""
+    _, arrays = cache.read_arrays(tmp, meta)
+    return {**meta, "content_hash": content_hash(arrays)}
 
 
 def _build_stream(src: sources.Source, tokenizer, data_dir: Path, tmp: Path) -> dict:
@@ -126,9 +148,10 @@ def _progress(desc: str, total: int):
 
 def encode_documents(docs: Iterable[str], tokenizer) -> Iterator[np.ndarray]:
     """Token ids of the documents, each followed by EOT, in batches (HF encodes a batch on all cores).
-    Empty documents are skipped."""
+    Empty documents are skipped. Text is ordinary text: a literal "<|endoftext|>" in a document is encoded as its
+    characters, never as the EOT id (which only separates documents)."""
     # encode_batch_fast (tokenizers >= 0.21) skips offset tracking: about twice as fast.
-    encode = getattr(tokenizer.hf, "encode_batch_fast", tokenizer.hf.encode_batch)
+    encode = getattr(tokenizer.ordinary, "encode_batch_fast", tokenizer.ordinary.encode_batch)
     split = _line_pieces if _line_split_is_exact(tokenizer) else lambda text: [text]
     eot = np.array([tokenizer.eot_id], np.int64)
     pieces: list[str] = []
@@ -139,7 +162,7 @@ def encode_documents(docs: Iterable[str], tokenizer) -> Iterator[np.ndarray]:
         try:
             encodings = encode(pieces, add_special_tokens=False)
         except Exception:  # tokenizers raises a bare Exception, e.g. a character outside a char-level vocabulary
-            tokenizer.encode_batch(pieces)  # the wrapper turns that into a UserError naming the cause
+            tokenizer.encode_ordinary_batch(pieces)  # the wrapper turns that into a UserError naming the cause
             raise
         arrays = []
         for e, end in zip(encodings, ends):
@@ -178,9 +201,10 @@ def _line_pieces(text: str) -> list[str]:
 
 def _line_split_is_exact(tokenizer) -> bool:
     """True when encoding a text in `_line_pieces` gives the same ids as encoding it whole: byte-level
-    pre-tokenization with GPT-2's regex, or byte-level with no merges at all (`tokenizers.byte_level()`)."""
+    pre-tokenization with GPT-2's regex, or byte-level with no merges at all (`tokenizers.byte_level()`), and no
+    prefix space (with `add_prefix_space` every piece would gain a space at its start)."""
     spec = json.loads(tokenizer.hf.to_str())
     pre = spec.get("pre_tokenizer") or {}
-    if spec.get("normalizer") or pre.get("type") != "ByteLevel":
+    if spec.get("normalizer") or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
         return False
     return bool(pre.get("use_regex", True)) or not spec["model"].get("merges")

@@ -69,8 +69,9 @@ def build(source: sources.Source, tokenizer, tmp: Path) -> dict:
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     for split in ("train", "validation"):
         chosen = [pc for pc, name in zip(pairs, names) if (name in val) == (split == "validation")]
-        prompts = tokenizer.encode_batch([p for p, _ in chosen])
-        completions = tokenizer.encode_batch([c for _, c in chosen])
+        # Ordinary text, as for corpora: a literal "<|endoftext|>" in an example is not an end of text.
+        prompts = tokenizer.encode_ordinary_batch([p for p, _ in chosen])
+        completions = tokenizer.encode_ordinary_batch([c for _, c in chosen])
         seqs = [p + c + [tokenizer.eot_id] for p, c in zip(prompts, completions)]
         arrays = {
             "tokens": np.fromiter((t for s in seqs for t in s), dtype=dtype),

@@ -30,8 +30,10 @@ def register(sub) -> None:
     p.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
                    help="beam search stopping rule, as HF's early_stopping")
     p.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt's samples depend only on it)")
-    p.add_argument("--json", action="store_true", help='one JSON object per prompt: {"prompt", "text", "token_ids"}')
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (each prompt's samples depend only on it); default: a fresh one, reported")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object per prompt: {"prompt", "text", "token_ids", "seed"}')
     p.add_argument("--stream", action="store_true", help="print text as it is produced, every --chunk tokens")
     p.add_argument("--chunk", type=int, default=16, help="tokens per streamed chunk")
     p.add_argument("--parallel", default="none", choices=["none", "pmap", "shard_map"],
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_eos:
         knobs["eos_ids"] = ()
     gen = lm.config_for(**knobs)
+    knobs["seed"] = gen.seed  # a fresh seed was drawn unless --seed was given: every prompt uses the same one
     ids = [lm.encode(p) for p in prompts]
     if args.stream:
         for i, prompt in enumerate(prompts):
@@ -97,13 +100,20 @@ def run(args: argparse.Namespace) -> int:
             for piece in lm.stream(ids[i], chunk=args.chunk, **{**knobs, "eos_ids": gen.eos_ids}):
                 print(piece, end="", flush=True)
             print(flush=True)
+        _report_seed(args, gen)
         return 0
     outputs = lm.generator.generate(ids, gen)
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         text = lm.decode(lm.strip_eos(out, gen.eos_ids))
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": text, "token_ids": out}, ensure_ascii=False))
+            print(json.dumps({"prompt": prompt, "text": text, "token_ids": out, "seed": gen.seed}, ensure_ascii=False))
         else:
             print(("\n" if i else "") + prompt + text)
     sys.stdout.flush()
+    _report_seed(args, gen)
     return 0
+
+
+def _report_seed(args, gen) -> None:
+    if args.seed is None and gen.strategy_kind == "sample" and not args.json:  # --json carries it in every line
+        print(f"seed {gen.seed} (pass --seed {gen.seed} to reproduce these samples)", file=sys.stderr)

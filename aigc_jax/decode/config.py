@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import secrets
 from typing import Literal
 
 from aigc_jax.errors import UserError
@@ -44,7 +45,7 @@ class GenerationConfig:
     early_stopping: EarlyStopping = False  # beam search: True, False or "never", as in HF
     eos_ids: tuple[int, ...] = ()  # a row finishes at any of these; () or None = never; one int = (int,) as in HF
     pad_id: int | None = None  # emitted by finished rows; default eos_ids[0] (HF with pad_token_id=eos), else 0
-    seed: int = 0
+    seed: int | None = None  # sampling seed; None = a fresh one per call (see `with_seed`), as HF draws afresh
 
     def __post_init__(self):
         # NumPy/JAX integers (e.g. a length computed with numpy) count as ints; eos_ids takes HF's int | list | None.
@@ -57,6 +58,10 @@ class GenerationConfig:
 
     def replace(self, **changes) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_seed(self) -> "GenerationConfig":
+        """This config with a concrete seed: the given one, or a fresh random one to report with the result."""
+        return self if self.seed is not None else self.replace(seed=secrets.randbits(31))
 
     @property
     def pad(self) -> int:
@@ -78,8 +83,8 @@ class GenerationConfig:
             raise UserError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if not _is_int(self.num_beams) or self.num_beams < 1:
             raise UserError(f"--num-beams must be an integer >= 1, got {self.num_beams!r}")
-        if not _is_int(self.seed):
-            raise UserError(f"--seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise UserError(f"--seed must be an integer (or None for a fresh one), got {self.seed!r}")
         if not (isinstance(self.length_penalty, numbers.Real) and math.isfinite(self.length_penalty)):
             raise UserError(f"--length-penalty must be a finite number, got {self.length_penalty!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
@@ -99,7 +104,7 @@ class GenerationConfig:
             if n > n_positions:
                 raise UserError(
                     f"prompt {i} has {n} tokens, more than the model's context of {n_positions} tokens: shorten it "
-                    f"to at most {n_positions - 1} tokens"
+                    f"to at most {n_positions} tokens"
                 )
             if n + self.max_new_tokens - 1 > n_positions:
                 raise UserError(

@@ -263,6 +263,7 @@ class Generator:
         if not len(prompts):
             raise UserError("no prompts given")
         prompts = [list(map(int, p)) for p in prompts]
+        gen = gen.with_seed()
         gen.check(cfg.n_positions, cfg.vocab_size, [len(p) for p in prompts])
         bad = next((t for p in prompts for t in p if not 0 <= t < cfg.vocab_size), None)
         if bad is not None:
@@ -334,6 +335,7 @@ class Generator:
     def compiled_call(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> Callable:
         """For timing: `f(max_new_tokens=None) -> ids on device` with the batch and knobs already on device (call
         `.block_until_ready()` on the result). Any max_new_tokens in gen's bucket reuses the executable."""
+        gen = gen.with_seed()
         fns, batch, knobs, _ = self._prepare(prompts, gen)
         n_bucket = knobs.length_norm.shape[0] - 1
         if self.mode == "none":

@@ -37,7 +37,9 @@ class Knobs:
 
 
 def make_knobs(gen, n_bucket: int) -> Knobs:
-    """Host-side numbers for a `GenerationConfig`; `n_bucket` is the static token-buffer length."""
+    """Host-side numbers for a `GenerationConfig`; `n_bucket` is the static token-buffer length. (A config without
+    a seed gets a fresh one here; callers that report the seed resolve it first with `gen.with_seed()`.)"""
+    gen = gen.with_seed()
     lengths = np.arange(n_bucket + 1, dtype=np.float64)
     with np.errstate(divide="ignore"):  # 0 ** negative is never read: lengths start at 1
         norm = lengths ** float(gen.length_penalty)

@@ -62,10 +62,10 @@ def _convert(args) -> int:
 
 def _check_out(out: str, want: str) -> None:
     """Only an absent/empty directory, or one holding the same kind of output, may be written into."""
-    from aigc_jax import modeldir
+    from aigc_jax import fileio, modeldir
     from aigc_jax.interop import hf
 
-    modeldir.check_output_dir(out, "--out")
+    fileio.check_output_dir(out, "--out")
     if not os.path.exists(out):
         return
     if not os.listdir(out):

@@ -12,15 +12,16 @@ refuses arbitrary objects, and never by anything else.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
 import warnings
 
+import jax
 import numpy as np
+from flax import traverse_util
 
-from aigc_jax import configs, modeldir
+from aigc_jax import configs, fileio, model
 from aigc_jax import tokenizers as tok
 from aigc_jax.configs import ModelConfig
 from aigc_jax.errors import UserError
@@ -146,21 +147,12 @@ def _hf_name(path: tuple[str, ...]) -> str:
 
 def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Our unrolled parameter paths and shapes, read off the model itself so the mapping cannot drift from it."""
-    import jax
-    from flax import traverse_util
-
-    from aigc_jax.model import init_params
-
-    tree = jax.eval_shape(lambda: init_params(config.replace(scan_layers=False), jax.random.key(0)))
+    tree = jax.eval_shape(lambda: model.init_params(config.replace(scan_layers=False), jax.random.key(0)))
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def params_from_hf(state: dict, config: ModelConfig):
     """HF GPT-2 weights (names with or without "transformer.") -> params in the layout `config` asks for."""
-    from flax import traverse_util
-
-    from aigc_jax.model import match_layout
-
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     lm_head = state.pop("lm_head.weight", None)
     param_dtype = _np_dtype(config.param_dtype)
@@ -186,7 +178,7 @@ def params_from_hf(state: dict, config: ModelConfig):
             f"unexpected weight {unexpected[0]} in the checkpoint ({len(unexpected)} in all): "
             "not a GPT2LMHeadModel matching config.json"
         )
-    return match_layout(traverse_util.unflatten_dict(flat), config)
+    return model.match_layout(traverse_util.unflatten_dict(flat), config)
 
 
 def _check_exportable(config: ModelConfig) -> None:
@@ -201,12 +193,8 @@ def to_hf_state_dict(params, config: ModelConfig, dtype: str = "float32") -> dic
     weights once (transformers re-ties them on load).
     """
     _check_exportable(config)
-    from flax import traverse_util
-
-    from aigc_jax.model import match_layout
-
     out_dtype = _np_dtype(dtype)
-    flat = traverse_util.flatten_dict(match_layout(params, config.replace(scan_layers=False)))
+    flat = traverse_util.flatten_dict(model.match_layout(params, config.replace(scan_layers=False)))
     state = {}
     for path, w in flat.items():
         w = np.asarray(w)
@@ -276,7 +264,8 @@ def save_hf_dir(path: str | os.PathLike, config: ModelConfig, params, tokenizer:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     # "format": "pt" is what transformers checks to accept a safetensors file as a PyTorch checkpoint.
-    save_file(to_hf_state_dict(params, config, dtype), os.path.join(path, SAFETENSORS_FILE), metadata={"format": "pt"})
+    state = to_hf_state_dict(params, config, dtype)
+    fileio.atomic_save(os.path.join(path, SAFETENSORS_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     written = {SAFETENSORS_FILE, CONFIG_FILE}
     eot_id = tokenizer.eot_id if tokenizer is not None else None
     _write_json(os.path.join(path, CONFIG_FILE), config_to_hf(config, eot_id, dtype))
@@ -318,13 +307,11 @@ def _save_hf_tokenizer(path: str, tokenizer: tok.Tokenizer, max_length: int) -> 
 
 
 def _read_json(path: str) -> dict:
-    return modeldir.read_json(path, "not an HF model directory")
+    return fileio.read_json(path, "not an HF model directory")
 
 
 def _write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    fileio.atomic_write_json(path, data)
 
 
 def _read_weights(directory: str) -> tuple[dict, str]:

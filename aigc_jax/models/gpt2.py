@@ -26,8 +26,24 @@ from aigc_jax.attention import attention, resolve_backend
 from aigc_jax.configs import ModelConfig, compute_dtype
 from aigc_jax.models import layers
 from aigc_jax.models.cache import KVCache, attention_mask, write_layer
+from aigc_jax.sharding import constrain
 
 LAYER_PREFIX = "h"  # layers are h_0, h_1, … (unrolled) or one stacked "h" (scan_layers)
+
+# Logical axes of every parameter (unrolled layout; the scanned one adds "layers" in front), mapped to mesh axes by
+# aigc_jax/sharding.py. The fused q|k|v kernel keeps heads as their own axis, so a tensor shard holds whole heads.
+PARAM_AXES = {
+    r"wte/embedding": ("vocab", "embed"),
+    r"wpe/embedding": ("positions", "embed"),
+    r"(h_\d+/ln_[12]|ln_f)/(scale|bias)": ("norm",),
+    r"h_\d+/attn/c_attn/kernel": ("embed", "qkv", "heads", "head_dim"),
+    r"h_\d+/attn/c_attn/bias": ("qkv", "heads", "head_dim"),
+    r"h_\d+/attn/c_proj/kernel": ("heads", "embed"),  # its input is the heads' outputs, side by side
+    r"h_\d+/(attn|mlp)/c_proj/bias": ("norm",),  # added after the all-reduce: whole on every device
+    r"h_\d+/mlp/c_fc/kernel": ("embed", "mlp"),
+    r"h_\d+/mlp/c_fc/bias": ("mlp",),
+    r"h_\d+/mlp/c_proj/kernel": ("mlp", "embed"),
+}
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -83,7 +99,7 @@ class Block(nn.Module):
         )
         x_BxTxD = x_BxTxD + drop(a_BxTxD)
         x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxD)))
-        return x_BxTxD, new_kv
+        return constrain(x_BxTxD, ("batch", None, None)), new_kv
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,7 +112,7 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         B, T, D = h_BxTxD.shape
         H, Dh = cfg.n_head, cfg.head_dim
-        qkv_BxTx3xHxD = _dense(cfg, (3, H, Dh), "c_attn")(h_BxTxD)
+        qkv_BxTx3xHxD = constrain(_dense(cfg, (3, H, Dh), "c_attn")(h_BxTxD), ("batch", None, "qkv", "heads", None))
         q_BxTxHxD, k_BxTxHxD, v_BxTxHxD = (qkv_BxTx3xHxD[:, :, i] for i in range(3))
         k_BxHxDxS, v_BxHxSxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
         new_kv = None
@@ -123,7 +139,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD):
         cfg = self.config
-        h_BxTxF = _ACTIVATIONS[cfg.activation](_dense(cfg, 4 * cfg.n_embd, "c_fc")(h_BxTxD))
+        h_BxTxF = constrain(_ACTIVATIONS[cfg.activation](_dense(cfg, 4 * cfg.n_embd, "c_fc")(h_BxTxD)),
+                            ("batch", None, "mlp"))
         return _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(h_BxTxF)
 
 
@@ -154,7 +171,7 @@ class Decoder(nn.Module):
         wte, wpe = embed(cfg.padded_vocab_size, "wte"), embed(cfg.n_positions, "wpe")
 
         positions_BxT = layers.default_positions(tokens_BxT, positions_BxT, cache)
-        x_BxTxD = wte(tokens_BxT) + wpe(positions_BxT)
+        x_BxTxD = constrain(wte(tokens_BxT) + wpe(positions_BxT), ("batch", None, None))
         x_BxTxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxTxD)
 
         kv, start = None, None
@@ -172,7 +189,7 @@ class Decoder(nn.Module):
         logits_BxTxV = jnp.einsum(
             "btd,vd->btv", x_BxTxD.astype(dtype), wte.embedding.astype(dtype), preferred_element_type=jnp.float32
         )
-        logits_BxTxV = layers.mask_padded_vocab(logits_BxTxV, cfg.vocab_size)
+        logits_BxTxV = layers.mask_padded_vocab(constrain(logits_BxTxV, ("batch", None, "vocab")), cfg.vocab_size)
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1]).advanced(tokens_BxT.shape[1])
         return logits_BxTxV, cache

@@ -1,4 +1,4 @@
-"""Training: per-device steps (step.py), optax optimizer (optimizer.py), orbax checkpoints (checkpoint.py),
+"""Training: per-device steps (step.py), optax optimizer (optimizer.py), orbax checkpoints (aigc_jax/checkpoints.py),
 metrics (metrics.py), the loop (loop.py) and the CLI (cli.py). Importing this package does not import tfds."""
 
 from aigc_jax.train.config import TrainConfig

@@ -16,6 +16,9 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # optimizer steps in total (a resumed run continues up to this)
@@ -23,9 +26,11 @@ class TrainConfig:
     seq_len: int = 0  # tokens per sequence; 0 = the model's n_positions
     grad_accum: int = 1  # micro-batches per step: each device runs batch_size / devices / grad_accum rows at once
     lr: float = 6e-4  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio (the floor)
+    schedule: str = "cosine"  # after warmup: cosine (decay to the floor) | wsd (stable, then linear decay) | constant
+    min_lr_ratio: float = 0.1  # cosine and wsd end at lr * min_lr_ratio (the floor)
     warmup_steps: int = 100  # linear warmup from 0
-    decay_steps: int = 0  # cosine decay length including warmup; 0 = steps
+    decay_steps: int = 0  # schedule length including warmup; 0 = steps (so growing --steps stretches cosine)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the schedule length decays linearly to the floor
     weight_decay: float = 0.1  # AdamW decoupled decay, applied to "kernel" and "embedding" leaves only
     beta1: float = 0.9
     beta2: float = 0.95
@@ -62,6 +67,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise ConfigError("train.weight_decay and train.grad_clip must be >= 0 and train.eps > 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.parallel not in MODES:
             raise ConfigError(f"train.parallel must be one of {', '.join(MODES)}, got {self.parallel!r}")
         if self.batch_size % self.grad_accum:

@@ -1,16 +1,24 @@
 """The training loop: resolve and validate everything, then dispatch steps without waiting on the device.
 
 `prepare()` reads configs, data, tokenizer and any existing workdir and raises a one-line `UserError` on
-anything wrong *before* a single file is written; `train()` then runs. The loop dispatches step n, queues
-the host→device copy of batch n+1, and only then fetches step n-1's metrics, so the device never idles on
-the host. Checkpoints are async orbax saves; SIGTERM/SIGINT save and exit; a streak of non-finite steps halts
-without touching the last good checkpoint.
+anything wrong *before* a single file is written; `train()` then runs. A fresh start writes the run files
+(model.json, tokenizer.json, then run.json last) before anything else, so a run killed at any instant is
+re-run by the same command: it resumes, or (killed before run.json landed) starts cleanly over its own files.
+The loop dispatches step n, queues the host→device copy of batch n+1, and only then fetches step n-1's metrics,
+so the device never idles on the host. Checkpoints are async orbax saves; SIGTERM/SIGINT save and exit; a streak
+of non-finite steps halts without touching the last good checkpoint.
+
+Resume is checked, not trusted: run.json records the model config, the data source *and a hash of its token
+stream*, the tokenizer spec *and its hash*, and the fine-tuning source; a re-run that differs in any of them
+(other than the keys in RESUMABLE_CHANGES) is a one-line error naming both values. A resumed run reads its
+tokenizer and model config from the workdir, never from the corpus or the `--init-from` source again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import signal
 import sys
@@ -19,15 +27,20 @@ from typing import Any
 
 import jax
 
-from aigc_jax import configs, data, modeldir, parallel
+from aigc_jax import checkpoints as ckpt
+from aigc_jax import configs, data, fileio, modeldir, parallel
 from aigc_jax import tokenizers as tok
+from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.errors import UserError
 from aigc_jax.model import flops_per_token, init_params
-from aigc_jax.train import checkpoint as ckpt
 from aigc_jax.train import optimizer as optim
 from aigc_jax.train.config import RESUMABLE_CHANGES, TrainConfig
 from aigc_jax.train.metrics import MetricsWriter, eval_summary, peak_flops_per_device
 from aigc_jax.train.step import TrainState, eval_step, init_state, train_step
+
+# What a fresh start writes before run.json: a workdir holding only these (and temporary files) was killed
+# mid-start and may be started over.
+_START_FILES = (modeldir.MODEL_FILE, tok.FILE, "metrics.jsonl", "tb")
 
 
 class TrainingHalted(UserError):
@@ -46,34 +59,64 @@ class Run:
     record: dict  # what run.json holds; a re-run must match it
     init_params: Any = None  # weights to fine-tune from (fresh optimizer), or None for a random init
     resume_step: int | None = None
+    notes: tuple[str, ...] = ()  # what prepare() found worth telling (settings, schedule changes)
 
 
 def prepare(
     workdir: str,
-    model_config: configs.ModelConfig,
-    train_config: TrainConfig,
+    model_config: configs.ModelConfig | None = None,
+    train_config: TrainConfig = TrainConfig(),
     data_source: str = "default",
     data_dir: str | None = None,
     tokenizer_spec: str = "byte",
     init_from: str | None = None,
     dataset: data.TokenData | None = None,
+    model_overrides: dict | None = None,
 ) -> Run:
     """Validates the run against data, devices and an existing workdir. Writes nothing.
 
-    `dataset`: tokens already loaded (e.g. tokenized by a script on a machine without tensorflow-datasets); it is
+    A fresh run's architecture is `model_config` (preset, file and overrides already applied; vocab_size follows
+    the tokenizer). A fine-tune (`init_from`: model dir, workdir or HF dir) takes the source's whole config,
+    runtime settings included (e.g. its dropout), and changes only the RUNTIME_KEYS in `model_overrides`; pass no
+    `model_config` then. `dataset`: tokens already loaded (e.g. on a machine without tensorflow-datasets); it is
     used instead of loading `data_source`, which then only names the data in run.json."""
+    overrides = dict(model_overrides or {})
+    if init_from and model_config is not None:
+        raise UserError("--init-from takes the architecture from its source: drop --model/--config model keys "
+                        "(runtime settings such as dropout go in --set)")
+    _check_workdir(workdir)
+    if not init_from:
+        _check_tokenizer_spec(tokenizer_spec)
+    previous = ckpt.read_run_file(workdir)
+    if previous is None and not _is_unfinished_start(workdir):
+        raise UserError(f"--workdir {workdir} is not empty and holds no aigc_jax run; choose a new or empty directory")
+    resume_step = ckpt.latest_step(workdir) if previous is not None else None
+
     init = None
-    if init_from:
-        src_config, init, tokenizer = modeldir.load_any(init_from)
+    if previous is not None:
+        # The workdir holds the tokenizer and the config it was started with: a resume reads them, so a char/bpe
+        # vocabulary is never re-derived and a fine-tune's source may have moved.
+        tokenizer = tok.load(workdir)
+        _check_tokenizer(workdir, previous, tokenizer, "its tokenizer.json")
+        if os.path.isdir(tokenizer_spec):  # the tokenizer files the command names must still be the run's
+            _check_tokenizer(workdir, previous, tok.load(tokenizer_spec), f"--tokenizer {tokenizer_spec}")
+        if init_from:
+            model_config = modeldir.load_config(workdir)
+    elif init_from:
+        model_config, init, tokenizer = modeldir.load_any(init_from)
         if tokenizer is None:
             raise UserError(f"{init_from} has no tokenizer files; fine-tuning needs the tokenizer the model was trained with")
-        # Shapes come from the source model; only runtime knobs may differ.
-        runtime = {k: getattr(model_config, k) for k in ("dropout", "attn_dropout", "dtype", "attention", "scan_layers", "remat")}
-        model_config = src_config.replace(**runtime)
-        tokenizer_spec = f"from:{init_from}"
     else:
         tokenizer = _make_tokenizer(tokenizer_spec, data_source, data_dir)
+    if init_from:
+        model_config = _finetune_config(model_config, overrides)
+        tokenizer_spec = f"from:{init_from}"
+    elif model_config is None:
+        model_config = configs.get_preset("baby")
+    if not init_from:
         model_config = model_config.replace(vocab_size=tokenizer.vocab_size)
+        if overrides:
+            model_config = configs.with_overrides(model_config, overrides, "model.")
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size}")
 
@@ -86,7 +129,6 @@ def prepare(
         raise UserError(f"--batch-size {train_config.batch_size} must be divisible by devices × grad_accum = "
                         f"{n_dev} × {train_config.grad_accum}")
 
-    _check_workdir(workdir)
     if dataset is None:
         dataset = data.load(data_source, tokenizer, data_dir=data_dir)
     # Too little text for one window (train or validation) must fail here, not in train() after the run files exist.
@@ -97,26 +139,106 @@ def prepare(
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
         "data": data_source,
+        "data_hash": dataset.content_hash,
         "tokenizer": tokenizer_spec,
+        "tokenizer_hash": data.tokenizer_hash(tokenizer),
         "init_from": os.path.abspath(init_from) if init_from else None,
+        # Informational (not compared on resume): what "auto" settings resolved to on the machine that started it.
+        "runtime": {"dtype": configs.compute_dtype(model_config).name, "backend": jax.default_backend(),
+                    "devices": n_dev},
     }
-    resume_step = None
-    previous = ckpt.read_run_file(workdir)
+    notes = [_settings_line(model_config, train_config, init_from, overrides)]
     if previous is not None:
         _check_same_run(workdir, previous, record)
-        resume_step = ckpt.latest_step(workdir)
-    elif os.path.isdir(workdir) and os.listdir(workdir):
-        raise UserError(f"--workdir {workdir} is not empty and holds no aigc_jax run; choose a new or empty directory")
-    return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step)
+        notes += _resume_notes(previous, record, resume_step)
+    return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step, tuple(notes))
+
+
+def _check_tokenizer(workdir: str, previous: dict, tokenizer: tok.Tokenizer, what: str) -> None:
+    recorded, found = previous.get("tokenizer_hash"), data.tokenizer_hash(tokenizer)
+    if recorded is not None and recorded != found:
+        raise UserError(f"--workdir {workdir}: {what} is not the tokenizer the run started with (tokenizer_hash "
+                        f"{found}, the run has {recorded}); restore it or use a new --workdir")
+
+
+def _finetune_config(source: configs.ModelConfig, overrides: dict) -> configs.ModelConfig:
+    """The source's config; only runtime keys may change (the architecture is what the weights are)."""
+    architecture = sorted(k for k in overrides if k not in configs.RUNTIME_KEYS)
+    if architecture:
+        same = all(str(getattr(source, k, None)).lower() == str(overrides[k]).lower() for k in architecture)
+        if not same:
+            key = architecture[0]
+            raise UserError(f"cannot change model.{key} of the model being fine-tuned (it is {getattr(source, key, None)!r}); "
+                            f"only runtime keys may change: {', '.join(configs.RUNTIME_KEYS)}")
+        overrides = {k: v for k, v in overrides.items() if k in configs.RUNTIME_KEYS}
+    return configs.with_overrides(source, overrides, "model.") if overrides else source
+
+
+def _settings_line(mcfg, tcfg: TrainConfig, init_from: str | None, overrides: dict) -> str:
+    """The effective settings, said once at start: what a run trains is never a guess."""
+    dtype = configs.compute_dtype(mcfg).name
+    runtime = (f"dtype={dtype}{' (auto)' if mcfg.dtype == 'auto' else ''} param_dtype={mcfg.param_dtype} "
+               f"dropout={mcfg.dropout} attn_dropout={mcfg.attn_dropout} attention={mcfg.attention} "
+               f"remat={mcfg.remat} scan_layers={mcfg.scan_layers}")
+    origin = f"fine-tuning {init_from} (its config; set here: {', '.join(sorted(overrides)) or 'nothing'})" \
+        if init_from else f"{mcfg.family} {mcfg.n_layer}x{mcfg.n_embd}"
+    lr = f"lr={tcfg.lr:g} {tcfg.schedule} warmup={tcfg.warmup_steps}"
+    return (f"{origin}; {runtime}; steps={tcfg.steps} batch={tcfg.batch_size}x{tcfg.seq_len} "
+            f"grad_accum={tcfg.grad_accum} {lr} weight_decay={tcfg.weight_decay} seed={tcfg.seed}")
+
+
+def _resume_notes(previous: dict, record: dict, resume_step: int | None) -> list[str]:
+    notes = []
+    old_rt, new_rt = previous.get("runtime") or {}, record["runtime"]
+    if old_rt and (old_rt.get("dtype"), old_rt.get("backend")) != (new_rt["dtype"], new_rt["backend"]):
+        notes.append(f"note: this run started with dtype={old_rt.get('dtype')} on {old_rt.get('backend')}; it "
+                     f"continues with dtype={new_rt['dtype']} on {new_rt['backend']} (set model.dtype to pin it)")
+    old_train, new_train = previous.get("train", {}), record["train"]
+    if resume_step is not None and old_train.get("steps") != new_train["steps"]:
+        old_lr = float(optim.schedule(TrainConfig.from_dict(old_train))(resume_step))
+        new_lr = float(optim.schedule(TrainConfig.from_dict(new_train))(resume_step))
+        if not math.isclose(old_lr, new_lr, rel_tol=1e-6):
+            notes.append(f"note: --steps {old_train.get('steps')} -> {new_train['steps']} changes the "
+                         f"{new_train['schedule']} schedule: the lr at step {resume_step} moves from {old_lr:.3g} to "
+                         f"{new_lr:.3g}. To extend runs without a jump, train with --set schedule=wsd (and extend "
+                         "before its decay) or fix --set decay_steps=N")
+    return notes
 
 
 def _check_workdir(workdir: str) -> None:
     """A workdir that is (or lies under) a file, or whose checkpoints/ is a file, cannot hold a run."""
-    modeldir.check_output_dir(workdir, "--workdir")
+    fileio.check_output_dir(workdir, "--workdir")
     checkpoints = os.path.join(workdir, ckpt.CHECKPOINTS)
     if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
         raise UserError(f"--workdir {workdir}: {checkpoints} is a file where the checkpoint directory belongs; "
                         "move it away or use a new --workdir")
+
+
+def _is_unfinished_start(workdir: str) -> bool:
+    """True for a new or empty workdir, or one a start was killed in before run.json landed: it holds only the
+    files a start writes first, temporary files, and a checkpoint directory without a finished step."""
+    if not os.path.isdir(workdir):
+        return True
+    for name in os.listdir(workdir):
+        if name == ckpt.CHECKPOINTS:
+            if ckpt.latest_step(workdir) is not None:
+                return False
+        elif name not in _START_FILES and not fileio.is_temporary(name):
+            return False
+    return True
+
+
+def _check_tokenizer_spec(spec: str) -> None:
+    if spec in ("byte", "char") or os.path.isdir(spec):
+        return
+    if spec.startswith("bpe:"):
+        try:
+            if int(spec[4:]) >= 1:
+                return
+        except ValueError:
+            pass
+        raise UserError(f"--tokenizer {spec}: expected bpe:VOCAB_SIZE, e.g. bpe:8192")
+    raise UserError(f"--tokenizer must be byte, char, bpe:N or a directory with tokenizer files; got {spec!r}")
 
 
 def _make_tokenizer(spec: str, data_source: str, data_dir: str | None) -> tok.Tokenizer:
@@ -125,30 +247,34 @@ def _make_tokenizer(spec: str, data_source: str, data_dir: str | None) -> tok.To
     if spec == "char":
         return tok.char_level(data.load_text(data_source, data_dir=data_dir, split="train"))
     if spec.startswith("bpe:"):
-        try:
-            size = int(spec[4:])
-        except ValueError:
-            raise UserError(f"--tokenizer {spec}: expected bpe:VOCAB_SIZE, e.g. bpe:8192") from None
-        return tok.train_bpe([data.load_text(data_source, data_dir=data_dir, split="train")], size)
-    if os.path.isdir(spec):
-        return tok.load(spec)
-    raise UserError(f"--tokenizer must be byte, char, bpe:N or a directory with tokenizer files; got {spec!r}")
+        return tok.train_bpe([data.load_text(data_source, data_dir=data_dir, split="train")], int(spec[4:]))
+    return tok.load(spec)
 
 
 def _check_same_run(workdir: str, previous: dict, record: dict) -> None:
+    hint = "re-run with the original settings or use a new --workdir"
     for section in ("model", "data", "tokenizer", "init_from"):
-        if previous.get(section) != record[section]:
-            old, new = previous.get(section), record[section]
+        old, new = previous.get(section), record[section]
+        if section == "model" and isinstance(old, dict):
+            old = {"family": "gpt2", **old}  # run.json from before families recorded none
+        if old != new:
             if isinstance(old, dict) and isinstance(new, dict):
                 key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
                 section, old, new = f"{section}.{key}", old.get(key), new.get(key)
-            raise UserError(f"--workdir {workdir} holds a run with {section}={old!r}, this command has {new!r}; "
-                            "re-run with the original settings or use a new --workdir")
+            raise UserError(f"--workdir {workdir} holds a run with {section}={old!r}, this command has {new!r}; {hint}")
+    # Content, not names: the same --data path with other text.
+    if previous.get("data_hash") is not None and previous["data_hash"] != record["data_hash"]:
+        raise UserError(f"--workdir {workdir}: --data {record['data']} now holds different tokens (data_hash "
+                        f"{record['data_hash']}, the run has {previous['data_hash']}); restore the original data or "
+                        "use a new --workdir")
     old_train, new_train = previous.get("train", {}), record["train"]
     for key in sorted(set(old_train) | set(new_train)):
         if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
+            default = getattr(TrainConfig(), key, None)  # a key added since the run started: its default is what ran
+            if key not in old_train and new_train.get(key) == default:
+                continue
             raise UserError(f"--workdir {workdir} holds a run with train.{key}={old_train.get(key)!r}, this command "
-                            f"has {new_train.get(key)!r}; re-run with the original settings or use a new --workdir")
+                            f"has {new_train.get(key)!r}; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,19 +291,25 @@ def train(run: Run, log=print) -> dict:
 
         multihost_utils.sync_global_devices("aigc_jax:prepared")
 
+    for note in run.notes:
+        log(note)
     optimizer = optim.make(cfg)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     make_state = functools.partial(_initial_state, run=run, optimizer=optimizer)
-    checkpoints = ckpt.Checkpoints(run.workdir, cfg.keep_checkpoints)
     start = run.resume_step or 0
+    if run.resume_step is None:
+        # A fresh start claims the workdir first: killed from here on, the same command starts over or resumes.
+        _write_run_files(run, primary)
+    checkpoints = ckpt.Checkpoints(run.workdir, cfg.keep_checkpoints)
     if run.resume_step is not None:
         abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                 jax.eval_shape(make_state))
-        state, _ = checkpoints.restore(run.resume_step, abstract)
+        state, meta = checkpoints.restore(run.resume_step, abstract)
+        _check_meta(meta, run, checkpoints.directory)
         log(f"resumed from {checkpoints.directory}/{run.resume_step}")
+        _write_run_files(run, primary)  # only now: a checkpoint that fails to restore leaves the workdir as it was
     else:
         state = jax.jit(make_state, out_shardings=replicated)()
-    _write_run_files(run, primary)  # only now: a checkpoint that fails to restore leaves the workdir as it was
 
     step_fn = parallel.wrap(
         functools.partial(train_step, model_config=mcfg, train_config=cfg, optimizer=optimizer),
@@ -187,6 +319,7 @@ def train(run: Run, log=print) -> dict:
                            jax.process_index(), jax.process_count(), cfg.shift_windows)
     place = lambda step: parallel.shard_batch(sampler.batch(step), cfg.parallel, mesh)
     evaluate = functools.partial(_evaluate, run=run, mesh=mesh, max_batches=cfg.eval_batches)
+    evaluate_all = functools.partial(_evaluate, run=run, mesh=mesh, max_batches=0)
     writer = MetricsWriter(run.workdir, enabled=primary)
     flops = flops_per_token(mcfg, cfg.seq_len)
     peak = peak_flops_per_device(cfg.mfu_peak_tflops)
@@ -231,7 +364,8 @@ def train(run: Run, log=print) -> dict:
             sys.exit(128 + stop.signum)
         result = {"step": final_step, **{k: last[k] for k in ("loss",) if k in last}}
         if final_step > start or cfg.eval_every:
-            result.update({f"val_{k}": v for k, v in evaluate(state.params).items()})
+            # The final figure is a complete pass over the validation split, never an estimate.
+            result.update({f"val_{k}": v for k, v in evaluate_all(state.params).items()})
             writer.write(final_step, "eval", {k[4:]: v for k, v in result.items() if k.startswith("val_")})
         if cfg.sample_every:
             _log_samples(run, state.params, final_step, writer, log)
@@ -252,6 +386,7 @@ def _initial_state(run: Run, optimizer) -> TrainState:
 
 
 def _write_run_files(run: Run, primary: bool) -> None:
+    """model.json and tokenizer.json, then run.json: its presence says the other two are complete."""
     if not primary:
         return
     os.makedirs(run.workdir, exist_ok=True)
@@ -262,8 +397,17 @@ def _write_run_files(run: Run, primary: bool) -> None:
 
 def _meta(step: int, run: Run) -> dict:
     # The batch for step s is a pure function of (seed, s, process): the step *is* the data position.
-    return {"step": step, "data": run.record["data"], "seed": run.train_config.seed,
-            "tokens_seen": step * run.train_config.batch_size * run.train_config.seq_len}
+    return {"step": step, "data": run.record["data"], "data_hash": run.record["data_hash"],
+            "seed": run.train_config.seed, "tokens_seen": step * run.train_config.batch_size * run.train_config.seq_len}
+
+
+def _check_meta(meta: dict, run: Run, directory: str) -> None:
+    """A restored checkpoint must be this run's, at the step its directory names."""
+    expected = _meta(run.resume_step, run)
+    for key in ("step", "seed", "data_hash"):
+        if meta.get(key, expected[key]) != expected[key]:
+            raise UserError(f"checkpoint {directory}/{run.resume_step} says {key}={meta.get(key)!r} but this run has "
+                            f"{expected[key]!r}: it belongs to another run; move it away or use a new --workdir")
 
 
 def _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar) -> dict:
@@ -290,7 +434,9 @@ def _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar) -> 
 
 
 def _evaluate(params, run: Run, mesh, max_batches: int = 0) -> dict:
-    """Validation loss, perplexity and bits per byte over a fixed pass (the first `max_batches`, 0 = all).
+    """Validation loss, perplexity and bits per byte: a complete pass (max_batches=0), or an estimate of the
+    whole split from `max_batches` batches of windows drawn across it with a fixed seed (the same at every eval).
+    `tokens` says how many tokens the figure is over.
 
     Batches are training micro-batches (batch_size / grad_accum rows): a recipe that accumulates gradients to fit
     in memory would not fit a whole batch's logits at once."""
@@ -298,10 +444,8 @@ def _evaluate(params, run: Run, mesh, max_batches: int = 0) -> dict:
     fn = _eval_fn(run.model_config, cfg.parallel, mesh)
     nll, count = 0.0, 0.0
     batches = data.eval_batches(run.data.validation, cfg.seq_len, cfg.batch_size // cfg.grad_accum,
-                                jax.process_index(), jax.process_count())
-    for i, rows in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
+                                jax.process_index(), jax.process_count(), max_batches=max_batches, seed=cfg.seed)
+    for rows in batches:
         out = jax.device_get(fn(params, parallel.shard_batch(rows, cfg.parallel, mesh)))
         nll, count = nll + float(out["nll"]), count + float(out["tokens"])
     return eval_summary(nll, count, run.data.bytes_per_token)
@@ -315,13 +459,14 @@ def _eval_fn(model_config, mode, mesh):
 
 def _log_samples(run: Run, params, step: int, writer, log) -> None:
     """A couple of sampled continuations of an end-of-text prompt, written to metrics.jsonl and the log."""
-    from aigc_jax.api import LM
-
-    lm = LM(run.model_config, params, run.tokenizer)
+    tokenizer = run.tokenizer
     n_new = min(128, run.model_config.n_positions - 16)
-    texts = [lm.generate(run.tokenizer.eot_token, max_new_tokens=n_new, temperature=0.8, top_k=40, seed=step + i)
-             for i in range(2)]
-    for i, text in enumerate(texts):
+    generator = Generator(run.model_config, params)
+    for i in range(2):
+        gen = GenerationConfig(max_new_tokens=n_new, temperature=0.8, top_k=40, seed=step + i,
+                               eos_ids=(tokenizer.eot_id,))
+        (ids,) = generator.generate([[tokenizer.eot_id]], gen)
+        text = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eot_id else ids)
         writer.write(step, "sample", {"index": i, "text": text})
         log(f"--- sample {i} at step {step} ---\n{text}")
 
@@ -361,20 +506,26 @@ class _StopFlag:
 def evaluate_workdir(workdir: str, split: str = "validation", data_source: str | None = None,
                      data_dir: str | None = None, batch_size: int | None = None, max_batches: int = 0,
                      parallel_mode: str | None = None) -> dict:
-    """`aigc-jax eval`: loss, perplexity, bits per byte and token count of the latest checkpoint on a split."""
+    """`aigc-jax eval`: loss, perplexity, bits per byte and token count of the latest checkpoint on a split.
+
+    Batches are the run's micro-batches (batch_size / grad_accum rows) unless `batch_size` says otherwise."""
     record = ckpt.read_run_file(workdir)
     if record is None:
         raise UserError(f"{workdir} is not a training workdir ({ckpt.RUN_FILE} is missing)")
     if split not in ("train", "validation"):
         raise UserError(f"--split must be train or validation, got {split!r}")
-    config, params, tokenizer = ckpt.load_inference(workdir)
+    config, params, tokenizer = modeldir.load_workdir(workdir)
+    if tokenizer is None:
+        raise UserError(f"{workdir} has no {tok.FILE}: it is not a complete training workdir")
     train_cfg = TrainConfig.from_dict(record["train"])
     if batch_size:
-        train_cfg = dataclasses.replace(train_cfg, batch_size=batch_size)
+        train_cfg = dataclasses.replace(train_cfg, batch_size=batch_size, grad_accum=1)
     if parallel_mode:
         train_cfg = dataclasses.replace(train_cfg, parallel=parallel_mode)
-    if train_cfg.batch_size % jax.device_count():
-        raise UserError(f"--batch-size {train_cfg.batch_size} must be divisible by {jax.device_count()} devices")
+    rows = train_cfg.batch_size // train_cfg.grad_accum
+    if rows % jax.device_count():
+        raise UserError(f"evaluation batches of {rows} rows do not split over {jax.device_count()} devices: "
+                        f"pass --batch-size N with N a multiple of {jax.device_count()}")
     dataset = data.load(data_source or record["data"], tokenizer, data_dir=data_dir)
     if split == "train":
         dataset = dataclasses.replace(dataset, validation=dataset.train)

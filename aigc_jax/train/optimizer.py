@@ -1,4 +1,4 @@
-"""AdamW with warmup + cosine decay to a floor, global-norm clipping and a non-finite guard (optax)."""
+"""AdamW with warmup + cosine / warmup-stable-decay / constant schedules, global-norm clipping and a non-finite guard (optax)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,23 @@ _OPTAX_MAX_ERRORS = 2**30
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.total_decay_steps, cfg.warmup_steps + 1),
-        end_value=cfg.lr * cfg.min_lr_ratio,
+    """Linear warmup from 0 to `lr`, then (over `total_decay_steps` in all):
+    cosine  — cosine decay to lr·min_lr_ratio (nanoGPT/GPT-3); the length is the run's, so extending a run moves it;
+    wsd     — warmup–stable–decay: constant lr, then a linear decay to the floor over the last `decay_fraction`
+              (MiniCPM, DeepSeek): a run resumed with more steps before its decay began never sees the lr jump;
+    constant — lr after warmup, forever."""
+    total = max(cfg.total_decay_steps, cfg.warmup_steps + 1)
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, total, floor)
+    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        return optax.join_schedules([warmup, optax.constant_schedule(cfg.lr)], [cfg.warmup_steps])
+    decay = max(1, round(cfg.decay_fraction * total))
+    stable_end = max(cfg.warmup_steps, total - decay)
+    return optax.join_schedules(
+        [warmup, optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, floor, total - stable_end)],
+        [cfg.warmup_steps, stable_end],
     )
 
 

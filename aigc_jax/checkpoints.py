@@ -1,26 +1,24 @@
-"""Orbax checkpoints of a training workdir, and loading a workdir's latest weights for inference.
+"""The checkpoint format of a training workdir: orbax saves of the train state, and reading them back.
 
 Workdir layout:
-    model.json        ModelConfig            (aigc_jax/modeldir.py)
+    run.json          the run's settings: a re-run must match it (see aigc_jax/train/loop.py); written last at start
+    model.json        the model config                          (aigc_jax/modeldir.py)
     tokenizer.json    the tokenizer
-    run.json          TrainConfig + data source + init_from: a re-run must match it (see RESUMABLE_CHANGES)
     checkpoints/<step>/{params, train_state, meta}   orbax, async, last K kept
     metrics.jsonl     one JSON object per log/eval line
 
-`params` is its own item so inference restores weights without the optimizer state. `meta` holds the step
-and the data position; since the batch for step s is a pure function of (seed, s), the step is the position.
+`params` is its own item so inference restores weights without the optimizer state. `meta` holds the step and
+the data position; since the batch for step s is a pure function of (seed, s), the step is the position.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
 
-from aigc_jax import modeldir
-from aigc_jax import tokenizers as tok
+from aigc_jax import fileio, model, parallel
 from aigc_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -63,7 +61,7 @@ class Checkpoints:
                 ),
             )
         except Exception as e:  # orbax/tensorstore raise many types for unreadable or mismatched data
-            raise UserError(_corrupt_message(self.directory, step, e)) from None
+            raise UserError(corrupt_message(self.directory, step, e)) from None
         ts = out.train_state
         state = abstract_state.replace(step=ts["step"], params=out.params, opt_state=ts["opt_state"], rng=ts["rng"])
         return state, out.meta
@@ -82,15 +80,13 @@ def _global_arrays(tree):
         return tree
     from jax.experimental import multihost_utils
 
-    from aigc_jax.parallel import make_mesh
-
-    mesh = make_mesh()
+    mesh = parallel.make_mesh()
     convert = lambda x: (multihost_utils.host_local_array_to_global_array(x, mesh, jax.sharding.PartitionSpec())
                          if x.is_fully_addressable else x)
     return jax.tree.map(convert, tree)
 
 
-def _corrupt_message(directory: str, step: int, error: Exception) -> str:
+def corrupt_message(directory: str, step: int, error: Exception) -> str:
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return (f"checkpoint {os.path.join(directory, str(step))} is unreadable or does not match this model "
             f"({first}); delete that step directory to resume from an earlier one, or use a new --workdir")
@@ -107,11 +103,9 @@ def latest_step(workdir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def load_inference(workdir: str, step: int | None = None):
-    """(ModelConfig, params, tokenizer) from a training workdir's latest (or given) checkpoint."""
-    from aigc_jax.model import init_params
-
-    config = modeldir.load_config(workdir)
+def restore_params(workdir: str, config, step: int | None = None, sharding=None):
+    """(params, step) of a workdir's latest (or given) checkpoint, whatever topology saved it. `sharding`: one
+    jax.sharding.Sharding for every leaf, or a pytree of them; default this process's first device."""
     directory = os.path.join(workdir, CHECKPOINTS)
     if not os.path.isdir(directory):
         raise UserError(f"{workdir} has no checkpoints yet ({directory} is missing)")
@@ -119,23 +113,24 @@ def load_inference(workdir: str, step: int | None = None):
     step = manager.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{workdir} has no finished checkpoint")
-    # Restore onto this process's first device whatever topology saved it (e.g. 2 hosts × 4 devices).
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+    shapes = jax.eval_shape(lambda: model.init_params(config, jax.random.key(0)))
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, shapes)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, sharding)
     try:
         params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))).params
     except Exception as e:
-        raise UserError(_corrupt_message(directory, step, e)) from None
-    tokenizer = tok.load(workdir) if os.path.isfile(os.path.join(workdir, tok.FILE)) else None
-    return config, params, tokenizer
+        raise UserError(corrupt_message(directory, step, e)) from None
+    return params, step
 
 
 def read_run_file(workdir: str) -> dict | None:
     path = os.path.join(workdir, RUN_FILE)
-    return modeldir.read_json(path, "not a training workdir") if os.path.isfile(path) else None
+    return fileio.read_json(path, "not a training workdir") if os.path.isfile(path) else None
 
 
 def write_run_file(workdir: str, run: dict) -> None:
     os.makedirs(workdir, exist_ok=True)
-    modeldir.atomic_write_text(os.path.join(workdir, RUN_FILE), json.dumps(run, indent=2) + "\n")
+    fileio.atomic_write_json(os.path.join(workdir, RUN_FILE), run)

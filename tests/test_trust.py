@@ -1,0 +1,259 @@
+"""What a researcher must be able to trust about a run: a start killed at any instant re-runs with the same command,
+fine-tunes keep the source's settings, resume checks content (data, tokenizer, checkpoint meta) rather than names,
+schedules say what extending a run does, and a new process reuses compiled programs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT, assert_one_line_error, run_cli
+from test_train_cli import final_params, popen_cli, train_args
+
+from aigc_jax import data
+from aigc_jax.train import loop
+from aigc_jax.train.config import TrainConfig
+from aigc_jax.train.optimizer import schedule
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("corpus")
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "aigc_jax").rglob("*.py")))
+    (root / "corpus.txt").write_text(text)
+    return {"data": str(root / "corpus.txt"), "data_dir": str(root / "data")}
+
+
+# ------------------------------------------------------------------------------------------ preemption at start
+
+
+def _signal_when(proc, ready, sig, timeout=300) -> bool:
+    """Sends `sig` once `ready()` holds (polled every 10 ms); False if the run ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+            return True
+        time.sleep(0.01)
+    assert proc.poll() is not None, "the stage never came"
+    return False
+
+
+def test_a_start_killed_at_any_instant_reruns_with_the_same_command(corpus, tmp_path):
+    """Signals at each stage of a start — still importing, the run files just written (data loaded, compiling),
+    the checkpoint directory made (first steps) — and the same command then finishes the run."""
+    args = ["--steps", "30", "--checkpoint-every", "10"]
+    stages = [
+        ("starting", lambda w: True, signal.SIGTERM),
+        ("run files written", lambda w: (w / "run.json").exists(), signal.SIGTERM),
+        ("run files written", lambda w: (w / "run.json").exists(), signal.SIGKILL),
+        ("checkpoint dir made", lambda w: (w / "checkpoints").is_dir(), signal.SIGKILL),
+    ]
+    for i, (stage, ready, sig) in enumerate(stages):
+        workdir = tmp_path / f"w{i}"
+        proc = popen_cli(*train_args(corpus, workdir, *args))
+        assert _signal_when(proc, lambda: ready(workdir), sig), f"{stage}: the run finished before the signal"
+        assert proc.returncode != 0, stage
+        again = run_cli(*train_args(corpus, workdir, *args))
+        assert again.returncode == 0, (stage, sig, again.stderr[-2000:])
+        assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 30, stage
+
+
+@pytest.mark.parametrize("leftovers", [
+    {"checkpoints/": None},  # the first failure reported: only an empty checkpoint directory
+    {"model.json": "{}", "tokenizer.json.tmp-123": "partial"},  # killed while writing the run files
+    {"model.json": "{}", "tokenizer.json": "{}", "run.json.tmp-9": "{", "checkpoints/x.orbax-checkpoint-tmp-1/": None},
+])
+def test_leftovers_of_a_killed_start_are_started_over(corpus, tmp_path, leftovers):
+    workdir = tmp_path / "w"
+    for name, content in leftovers.items():
+        path = workdir / name
+        if content is None:
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    proc = run_cli(*train_args(corpus, workdir, "--steps", "2"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((workdir / "run.json").read_text())["train"]["steps"] == 2
+
+
+def test_a_users_files_are_never_taken_for_leftovers(corpus, tmp_path):
+    workdir = tmp_path / "w"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "notes.md").write_text("mine")
+    assert_one_line_error(run_cli(*train_args(corpus, workdir, "--steps", "2")), "not empty")
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "notes.md"]
+
+
+# ------------------------------------------------------------------------------------------ fine-tune settings
+
+
+def test_finetune_keeps_the_sources_settings_and_only_what_was_set(corpus, tmp_path):
+    base = tmp_path / "base"  # `tiny` trains without dropout; the default preset (baby) has 0.2
+    assert run_cli(*train_args(corpus, base, "--steps", "3")).returncode == 0
+
+    def finetune(workdir, *extra, steps="2"):
+        return run_cli("train", "--init-from", base, "--data", corpus["data"], "--data-dir", corpus["data_dir"],
+                       "--steps", steps, "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress",
+                       "--workdir", workdir, *extra)
+
+    plain = finetune(tmp_path / "ft")
+    assert plain.returncode == 0, plain.stderr
+    run = json.loads((tmp_path / "ft" / "run.json").read_text())
+    assert (run["model"]["dropout"], run["model"]["attn_dropout"], run["model"]["n_embd"]) == (0.0, 0.0, 32)
+    assert f"fine-tuning {base}" in plain.stdout and "dropout=0.0" in plain.stdout  # the effective settings
+    tuned = finetune(tmp_path / "ft2", "--set", "dropout=0.1", "--set", "n_layer=2")
+    assert tuned.returncode == 0, tuned.stderr  # n_layer=2 is the source's own value: allowed
+    assert json.loads((tmp_path / "ft2" / "run.json").read_text())["model"]["dropout"] == 0.1
+    assert_one_line_error(finetune(tmp_path / "x", "--set", "n_layer=3"), "cannot change model.n_layer")
+    assert_one_line_error(finetune(tmp_path / "x", "--model", "tiny"), "drop --model")
+
+    # Resuming a fine-tune needs only the workdir: the source may be gone.
+    shutil.move(base, tmp_path / "moved")
+    resumed = finetune(tmp_path / "ft", steps="4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+
+# ------------------------------------------------------------------------------------------ resume checks content
+
+
+def test_resume_refuses_different_content_at_the_same_path(corpus, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(open(corpus["data"]).read()[:60_000])
+    args = ["train", "--model", "tiny", "--batch-size", "4", "--seq-len", "16", "--eval-every", "0", "--no-progress",
+            "--data", text, "--data-dir", tmp_path / "d", "--workdir", tmp_path / "w", "--checkpoint-every", "1"]
+    assert run_cli(*args, "--steps", "2").returncode == 0
+    text.write_text(open(corpus["data"]).read()[60_000:120_000])  # other text, same path
+    assert_one_line_error(run_cli(*args, "--steps", "4"), "now holds different tokens", "data_hash")
+
+    rows = [{"prompt": f"{w}:", "completion": w[::-1]} for w in "ab cd ef gh ij kl mn op qr st".split()]
+    jsonl = tmp_path / "sft.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows[:7]))
+    sft = ["train", "--init-from", tmp_path / "w", "--data", jsonl, "--data-dir", tmp_path / "d", "--batch-size", "2",
+           "--seq-len", "16", "--eval-every", "0", "--no-progress", "--workdir", tmp_path / "sft", "--checkpoint-every",
+           "1"]
+    text.write_text(open(corpus["data"]).read()[:60_000])
+    assert run_cli(*sft, "--steps", "2").returncode == 0
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows[:9]))  # the issue's case: 9 examples instead of 7
+    assert_one_line_error(run_cli(*sft, "--steps", "4"), "now holds different tokens")
+
+
+def test_resume_reads_the_workdirs_tokenizer_and_checks_its_hash(corpus, tmp_path, monkeypatch):
+    from aigc_jax import tokenizers as tok
+
+    text = tmp_path / "text.txt"
+    text.write_text(open(corpus["data"]).read()[:40_000])
+    cfg = TrainConfig(steps=2, batch_size=4, seq_len=16, eval_every=0, progress=False, checkpoint_every=1)
+    from aigc_jax import configs
+
+    tiny = configs.get_preset("tiny")
+    run = loop.prepare(str(tmp_path / "w"), tiny, cfg, str(text), str(tmp_path / "d"), "char")
+    loop.train(run, log=lambda *_: None)
+    # A resume never re-derives the vocabulary from the corpus: it reads WORKDIR/tokenizer.json.
+    monkeypatch.setattr(loop, "_make_tokenizer", lambda *a: pytest.fail("tokenizer re-derived on resume"))
+    again = loop.prepare(str(tmp_path / "w"), tiny, cfg.__class__(**{**cfg.to_dict(), "steps": 3}), str(text),
+                         str(tmp_path / "d"), "char")
+    assert again.resume_step == 2 and again.tokenizer.vocab_size == run.tokenizer.vocab_size
+    tok.char_level("abc").save(tmp_path / "w")  # a tokenizer.json that is not the run's
+    with pytest.raises(loop.UserError, match="tokenizer_hash"):
+        loop.prepare(str(tmp_path / "w"), tiny, cfg, str(text), str(tmp_path / "d"), "char")
+
+
+def test_checkpoint_meta_is_validated_on_restore(corpus, tmp_path):
+    workdir = tmp_path / "w"
+    args = train_args(corpus, workdir, "--checkpoint-every", "1")
+    assert run_cli(*args, "--steps", "2").returncode == 0
+    meta = workdir / "checkpoints" / "2" / "meta" / "metadata"
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "seed": 7}))  # e.g. a checkpoint copied in from another run
+    assert_one_line_error(run_cli(*args, "--steps", "3"), "belongs to another run", "seed=7")
+
+
+# ------------------------------------------------------------------------------------------ schedules
+
+
+def test_wsd_and_constant_schedules():
+    wsd = schedule(TrainConfig(steps=1000, warmup_steps=100, lr=6e-4, schedule="wsd", decay_fraction=0.2))
+    assert float(wsd(50)) == pytest.approx(3e-4) and float(wsd(500)) == pytest.approx(6e-4)
+    assert float(wsd(799)) == pytest.approx(6e-4) and float(wsd(900)) == pytest.approx((6e-4 + 6e-5) / 2)
+    assert float(wsd(1000)) == pytest.approx(6e-5)
+    const = schedule(TrainConfig(steps=1000, warmup_steps=10, lr=1e-3, schedule="constant"))
+    assert [float(const(s)) for s in (5, 10, 999, 5000)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+    # Extending a wsd run before its decay keeps every lr it has seen; cosine would jump (the issue's numbers).
+    longer = schedule(TrainConfig(steps=2000, warmup_steps=100, lr=6e-4, schedule="wsd", decay_fraction=0.2))
+    assert all(float(longer(s)) == float(wsd(s)) for s in range(0, 800, 50))
+    cos = [schedule(TrainConfig(steps=n, warmup_steps=100, lr=6e-4)) for n in (1000, 2000)]
+    assert float(cos[0](1000)) == pytest.approx(6.0e-5) and float(cos[1](1000)) == pytest.approx(3.52e-4, rel=1e-2)
+
+
+def test_growing_steps_says_what_happens_to_the_lr(corpus, tmp_path):
+    args = train_args(corpus, tmp_path / "cos", "--checkpoint-every", "2", "--warmup-steps", "1")
+    assert run_cli(*args, "--steps", "4").returncode == 0
+    longer = run_cli(*args, "--steps", "8")
+    assert longer.returncode == 0, longer.stderr
+    assert "--steps 4 -> 8 changes the cosine schedule: the lr at step 4 moves from" in longer.stdout
+    same = run_cli(*args, "--steps", "8")
+    assert same.returncode == 0 and "changes the" not in same.stdout  # nothing changed, nothing said
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def test_periodic_validation_samples_the_whole_split():
+    tokens = np.arange(10_001)  # window i starts with token 10·i
+    windows = (len(tokens) - 1) // 10
+    picked = [b["tokens"][:, 0] // 10 for b in data.eval_batches(tokens, 10, 8, max_batches=5, seed=3)]
+    rows = np.concatenate(picked)
+    assert len(rows) == 40 and len(set(rows.tolist())) == 40  # without replacement
+    assert rows.min() < windows * 0.2 and rows.max() > windows * 0.8  # spread over the split, not its first windows
+    again = np.concatenate([b["tokens"][:, 0] // 10 for b in data.eval_batches(tokens, 10, 8, max_batches=5, seed=3)])
+    np.testing.assert_array_equal(rows, again)  # the same rows at every eval
+    full = list(data.eval_batches(tokens, 10, 8, max_batches=10_000))
+    assert sum(int(b["loss_mask"].sum()) for b in full) == windows * 10  # more batches than exist: a complete pass
+
+
+def test_eval_batch_size_overrides_the_micro_batch(corpus, tmp_path):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    workdir = tmp_path / "w"
+    proc = run_cli(*train_args(corpus, workdir, "--steps", "2", "--grad-accum", "2", "--batch-size", "4"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    ok = run_cli("eval", "--workdir", workdir, "--data-dir", corpus["data_dir"], "--batch-size", "2", env=env)
+    assert ok.returncode == 0, ok.stderr  # 2 rows over 2 devices (it divided by grad_accum before: 1 row)
+    full = run_cli("eval", "--workdir", workdir, "--data-dir", corpus["data_dir"], env=env)
+    assert json.loads(ok.stdout)["loss"] == pytest.approx(json.loads(full.stdout)["loss"], rel=1e-5)
+    assert_one_line_error(run_cli("eval", "--workdir", workdir, "--data-dir", corpus["data_dir"], "--batch-size", "3",
+                                  env=env), "multiple of 2")
+
+
+# ------------------------------------------------------------------------------------------ compile cache
+
+
+def test_a_second_process_reuses_the_compiled_programs(tmp_path):
+    cache = tmp_path / "jax-cache"
+    args = ["generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0"]
+    first = run_cli(*args, env={"AIGC_COMPILE_CACHE": str(cache)})
+    assert first.returncode == 0, first.stderr
+    entries = set(os.listdir(cache))
+    assert entries  # the decode programs were written
+    second = run_cli(*args, env={"AIGC_COMPILE_CACHE": str(cache)})
+    assert second.returncode == 0 and second.stdout == first.stdout
+    assert set(os.listdir(cache)) == entries  # every program was found: nothing new compiled
+    off = run_cli("--no-compile-cache", *args, env={"AIGC_COMPILE_CACHE": str(tmp_path / "unused")})
+    assert off.returncode == 0 and off.stdout == first.stdout and not (tmp_path / "unused").exists()
+
+
+def test_final_params_unaffected_by_the_compile_cache(corpus, tmp_path):
+    """Executables read back from the cache compute exactly what freshly compiled ones do."""
+    env = {"AIGC_COMPILE_CACHE": str(tmp_path / "cache")}
+    for name in ("cold", "warm"):
+        assert run_cli(*train_args(corpus, tmp_path / name, "--steps", "3"), env=env).returncode == 0
+    a, b = final_params(tmp_path / "cold"), final_params(tmp_path / "warm")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
