@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="aigc-jax", description="GPT-2-family language models in JAX: train, evaluate, generate.")
+    parser = _Parser(prog="aigc-jax", description="GPT-2- and Llama-family language models in JAX: train, evaluate, generate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _register_info(sub)
@@ -72,7 +72,8 @@ def _quiet_closed_event_loop() -> None:
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = "gpt2") -> None:
     """--model / --config / --set, shared by every command that builds a model from a preset."""
-    p.add_argument("--model", default=default, help="preset name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, baby, tiny")
+    p.add_argument("--model", default=default, help="preset name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, baby, tiny, "
+                   "llama-tiny, llama-baby, llama-3.2-1b, llama-3-8b, qwen2.5-7b (see aigc_jax/configs.py)")
     p.add_argument("--config", metavar="FILE", help="JSON/TOML file with a 'model' section (or model keys at the top)")
     p.add_argument(
         "--set", metavar="KEY=VALUE", action="append", default=[], help="override a model config key (repeatable)"

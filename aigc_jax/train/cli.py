@@ -28,7 +28,7 @@ def register(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
                        help=f"train.{name} (see aigc_jax/train/config.py)")
     p.add_argument("--tokenizer", default="byte", help="byte (default) | char | bpe:VOCAB_SIZE | DIR with tokenizer files")
-    p.add_argument("--init-from", metavar="SRC", help="fine-tune from a model dir, training workdir or HF GPT-2 dir")
+    p.add_argument("--init-from", metavar="SRC", help="fine-tune from a model dir, training workdir or HF GPT-2/Llama/Qwen2/Mistral dir")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     _add_distributed_args(p)
     p.set_defaults(func=_train)
@@ -59,10 +59,10 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 def split_overrides(items: list[str]) -> tuple[dict, dict]:
     """--set k=v → (model overrides, train overrides); "model."/"train." prefixes optional when unambiguous."""
-    from aigc_jax.configs import ModelConfig, parse_assignments
+    from aigc_jax.configs import FAMILIES, parse_assignments
     from aigc_jax.train.config import TrainConfig
 
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_keys = {f.name for cls in FAMILIES.values() for f in dataclasses.fields(cls)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     model, train = {}, {}
     for key, value in parse_assignments(items).items():
