@@ -33,7 +33,7 @@ def _trained_bpe(pre_tokenizer, specials, vocab_size=400, **kwargs):
     hf_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                            initial_alphabet=alphabet, show_progress=False))
     model = json.loads(hf_tok.to_str())["model"]
-    return hf_tok, model["vocab"], [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    return hf_tok, model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
 
 
 def sentencepiece_style(directory):
@@ -42,7 +42,7 @@ def sentencepiece_style(directory):
     _, vocab, merges = _trained_bpe(pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"])
     for b in range(256):  # SentencePiece's byte-fallback pieces
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    t = transformers.LlamaTokenizer(vocab=vocab, merges=merges, chat_template=MISTRAL)
+    t = transformers.LlamaTokenizer(vocab=vocab, merges=merges, chat_template=MISTRAL, add_bos_token=True)
     t.save_pretrained(str(directory))
     return t
 
@@ -136,8 +136,9 @@ def chat_model(tmp_path_factory):
     """A tiny LlamaForCausalLM with the Llama 3 style tokenizer (two EOS ids) and chat template beside it."""
     directory = tmp_path_factory.mktemp("chat_model")
     t = llama3_style(directory)
+    eos = t.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])  # save_pretrained rewrites generation_config
     m = make_hf(directory, "Llama", seed=2, noise=0.3, vocab_size=len(t), num_key_value_heads=2,
-                max_position_embeddings=128)
+                max_position_embeddings=128, bos_token_id=t.bos_token_id, eos_token_id=eos)
     return directory, m, t
 
 
@@ -231,6 +232,7 @@ def test_one_adamw_step_on_imported_weights_equals_torch(kind, kwargs, tmp_path)
     loss = torch.nn.functional.cross_entropy(m(t[:, :-1]).logits.reshape(-1, 101), t[:, 1:].reshape(-1))
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(m.parameters(), tc.grad_clip)
+    grads = {k: p.grad.numpy().copy() for k, p in m.named_parameters()}
     decay = [p for p in m.parameters() if p.dim() >= 2]
     no_decay = [p for p in m.parameters() if p.dim() < 2]
     torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -247,13 +249,16 @@ def test_one_adamw_step_on_imported_weights_equals_torch(kind, kwargs, tmp_path)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(norm), rtol=1e-5)
     got = hf.to_hf_state_dict(jax.device_get(state.params), config)
     assert got.keys() == {k for k in expected if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    noise = 0
     for key, value in got.items():
-        if key.endswith("k_proj.bias"):
-            # The key bias adds q·b to every score of a query, which softmax ignores: its true gradient is 0,
-            # both frameworks compute rounding noise, and Adam normalises that noise to a ±lr-sized step.
-            np.testing.assert_array_less(np.abs(value - expected[key]), 2 * tc.lr)
-            continue
-        np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        # Adam's first step is ~lr·sign(g): a gradient at rounding-noise level (the key bias, whose true gradient
+        # is 0 since softmax ignores q·b; a rare weight with |g| ~ 1e-7) becomes a ±lr step either way.
+        g = grads[key]
+        exact = (np.abs(g) > 1e-6) | (g == 0) if not key.endswith("k_proj.bias") else np.zeros(g.shape, bool)
+        noise += int((~exact).sum()) if not key.endswith("k_proj.bias") else 0
+        np.testing.assert_array_less(np.abs(value - expected[key])[~exact], 2 * tc.lr)
+        np.testing.assert_allclose(value[exact], expected[key][exact], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert noise < 0.01 * sum(v.size for v in got.values()), noise  # the exact check covers the rest
 
 
 def test_train_init_from_hf_llama_dir_and_export(chat_model, tmp_path):
