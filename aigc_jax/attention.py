@@ -74,10 +74,12 @@ def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0,
         mask_BxTxS = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
         if window is not None:
             mask_BxTxS &= ~jnp.tril(jnp.ones((T, S), bool), k=S - T - window)[None]
-    if Hkv != H:
-        # Grouped heads: query head n = k * G + g reads KV head k; K/V are never repeated in memory.
-        G = H // Hkv
-        scores = jnp.einsum("btkgd,bkds->bkgts", q_BxTxHxD.reshape(B, T, Hkv, G, D), k_BxHxDxS,
+    G = H // Hkv
+    if G > 1:
+        # Grouped heads: query head n = k * G + g reads KV head k. The G query heads of a KV head become G·T rows
+        # of one matmul per (batch, KV head), so K/V are never repeated in memory.
+        q_BxKxMxD = q_BxTxHxD.reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+        scores = jnp.einsum("bkmd,bkds->bkms", q_BxKxMxD, k_BxHxDxS,
                             preferred_element_type=jnp.float32).reshape(B, H, T, S)
     else:
         # Scores and softmax in fp32 whatever the compute dtype: bf16 softmax loses too much for long contexts.
@@ -90,7 +92,7 @@ def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0,
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
         probs_BxHxTxS = jnp.where(keep, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
     probs_BxHxTxS = probs_BxHxTxS.astype(v_BxHxSxD.dtype)
-    if Hkv != H:
-        out = jnp.einsum("bkgts,bksd->btkgd", probs_BxHxTxS.reshape(B, Hkv, H // Hkv, T, S), v_BxHxSxD)
-        return out.reshape(B, T, H, D)
+    if G > 1:
+        out_BxKxMxD = jnp.einsum("bkms,bksd->bkmd", probs_BxHxTxS.reshape(B, Hkv, G * T, S), v_BxHxSxD)
+        return out_BxKxMxD.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
     return jnp.einsum("bhts,bhsd->bthd", probs_BxHxTxS, v_BxHxSxD)

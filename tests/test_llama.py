@@ -317,39 +317,23 @@ def test_bf16_compute_keeps_hf_rmsnorm_order(tiny_params):
 # ---------------------------------------------------------------------------------------------------- generation
 
 
-def hf_generate(m, prompts, max_new_tokens, eos_ids, **kwargs):
-    import torch
-
-    pad = eos_ids[0]
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    with torch.no_grad():
-        out = m.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
-                         pad_token_id=pad, do_sample=False, **kwargs)[:, P:].numpy()
-    full = np.full((len(prompts), max_new_tokens), pad)
-    full[:, : out.shape[1]] = out
-    return full
-
-
 @pytest.mark.parametrize("name", ["llama-gqa-llama3-tied-bias", "qwen2-gqa-window", "mistral-gqa-window"])
 def test_greedy_and_beam_ids_equal_hf_generate(name, tmp_path):
     """Left-padded prompts, two EOS ids the model really emits, decoding well past the sliding windows (5, 6)."""
+    from test_decode import hf_generate
+
     kind, kwargs = CASES[name]
     m = make_hf(tmp_path, kind, seed=1, noise=0.3, **kwargs)
     config, params, _ = hf.load_hf_dir(tmp_path)
     gen = Generator(config, params)
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, 101, n).tolist() for n in (3, 9, 1, 6)]
-    free = hf_generate(m, prompts, 16, [100])
+    free = hf_generate(m, prompts, 16, [100], do_sample=False)
     values, counts = np.unique(free, return_counts=True)
     eos = [int(v) for v in values[np.argsort(-counts)][:2]]
     refs = []
     for kw in (dict(), dict(num_beams=3, length_penalty=1.3)):
-        refs.append(hf_generate(m, prompts, 16, eos, **kw))
+        refs.append(hf_generate(m, prompts, 16, eos, do_sample=False, **kw))
         got, _ = gen.generate_padded(prompts, GenerationConfig(max_new_tokens=16, temperature=0, eos_ids=tuple(eos),
                                                                **kw))
         np.testing.assert_array_equal(got, refs[-1], err_msg=str(kw))

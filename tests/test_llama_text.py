@@ -5,13 +5,12 @@ step on imported weights equals transformers + torch.optim.AdamW, and `train --i
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import tokenizers
 from conftest import assert_one_line_error, run_cli
 from test_chat import LLAMA3, MISTRAL, QWEN2
-from test_llama import hf_generate, make_hf, transformers_or_skip
+from test_llama import make_hf, transformers_or_skip
 from test_tokenizers import CORPUS, TEXTS, random_texts
 from tokenizers import models, pre_tokenizers, processors, trainers
 
@@ -150,7 +149,9 @@ def test_lm_chat_and_generate_chat_equal_hf_generate(chat_model, tmp_path):
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     assert lm.chat_prompt(CONVERSATION) == prompt
     # Stop at either EOS id, as the model's generation_config.json says.
-    ref = hf_generate(m, [prompt], 24, list(lm.tokenizer.eos_ids))[0].tolist()
+    from test_decode import hf_generate
+
+    ref = hf_generate(m, [prompt], 24, list(lm.tokenizer.eos_ids), do_sample=False)[0].tolist()
     reply_ids = lm.generate_ids(prompt, max_new_tokens=24, temperature=0)
     assert reply_ids == ref[: len(reply_ids)]
     assert lm.chat(CONVERSATION, max_new_tokens=24, temperature=0) == lm.decode(lm.strip_eos(reply_ids,
@@ -174,7 +175,8 @@ def test_chat_errors_are_one_line(chat_model, tmp_path, capsys):
 
     directory, _, _ = chat_model
     (tmp_path / "bad.jsonl").write_text('{"role": "user", "content": "hi"}\nnot json\n')
-    assert "line 2 is not JSON" in _cli_error(capsys, "--model", str(directory), "--messages", str(tmp_path / "bad.jsonl"))
+    bad = str(tmp_path / "bad.jsonl")
+    assert "line 2 is not JSON" in _cli_error(capsys, "--model", str(directory), "--messages", bad)
     assert "role" in _cli_error(capsys, "--model", str(directory), "--messages", str(_write(tmp_path, [{"role": "x"}])))
     assert "needs a conversation" in _cli_error(capsys, "--model", str(directory), "--chat")
 
@@ -203,7 +205,8 @@ def test_export_writes_tokenizer_eos_ids_and_template_transformers_loads(chat_mo
     import torch
 
     with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(torch.tensor(tokens)).logits.numpy(), m(torch.tensor(tokens)).logits.numpy())
+        theirs, original_logits = (x(torch.tensor(tokens)).logits.numpy() for x in (reloaded, m))
+    np.testing.assert_array_equal(theirs, original_logits)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -213,41 +216,20 @@ def test_export_writes_tokenizer_eos_ids_and_template_transformers_loads(chat_mo
                                          ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=True))])
 def test_one_adamw_step_on_imported_weights_equals_torch(kind, kwargs, tmp_path):
     """Our step (clipping active, decay on matrices only) = transformers + clip_grad_norm_ + torch AdamW."""
-    import functools
+    from test_train_step import our_step, torch_adamw_step
 
-    import torch
-
-    from aigc_jax import parallel
-    from aigc_jax.train import optimizer as optim
     from aigc_jax.train.config import TrainConfig
-    from aigc_jax.train.step import init_state, train_step
 
     m = make_hf(tmp_path, kind, seed=3, **kwargs)
     config, params, _ = hf.load_hf_dir(tmp_path)
     tokens = np.random.default_rng(0).integers(0, 101, (4, 17), dtype=np.int32)
     tc = TrainConfig(steps=10, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
                      weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=0.5)
-    m.train()
-    t = torch.tensor(tokens, dtype=torch.long)
-    loss = torch.nn.functional.cross_entropy(m(t[:, :-1]).logits.reshape(-1, 101), t[:, 1:].reshape(-1))
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(m.parameters(), tc.grad_clip)
-    grads = {k: p.grad.numpy().copy() for k, p in m.named_parameters()}
-    decay = [p for p in m.parameters() if p.dim() >= 2]
-    no_decay = [p for p in m.parameters() if p.dim() < 2]
-    torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                      lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps).step()
-    assert float(norm) > tc.grad_clip
-    expected = {k: v.detach().numpy() for k, v in m.state_dict().items()}
-
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    opt = optim.make(tc)
-    fn = parallel.wrap(functools.partial(train_step, model_config=config, train_config=tc, optimizer=opt),
-                       "shard_map", mesh, ("rep", "data"), ("rep", "rep"))
-    state, metrics = fn(init_state(params, opt, 0), {"tokens": tokens, "loss_mask": np.ones((4, 16), np.float32)})
-    np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["grad_norm"]), float(norm), rtol=1e-5)
-    got = hf.to_hf_state_dict(jax.device_get(state.params), config)
+    loss, norm, grads, expected = torch_adamw_step(m, tokens, tc)
+    assert norm > tc.grad_clip
+    got, metrics = our_step(config, params, tokens, tc)
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
     assert got.keys() == {k for k in expected if not (config.tie_word_embeddings and k == "lm_head.weight")}
     noise = 0
     for key, value in got.items():

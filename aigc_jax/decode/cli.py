@@ -63,12 +63,14 @@ def _conversation(args: argparse.Namespace) -> list[dict] | None:
     if not (args.chat or args.messages or args.conversation):
         return None
     if args.prompt or args.prompts_file:
-        raise UserError("--chat takes its conversation from --messages or --system/--user; drop --prompt/--prompts-file")
+        raise UserError("--chat takes its conversation from --messages or --system/--user; "
+                        "drop --prompt/--prompts-file")
     if args.messages and args.conversation:
         raise UserError("give the conversation either as --messages FILE or as --system/--user flags, not both")
     if not args.messages:
         if not args.conversation:
-            raise UserError("--chat needs a conversation: --user TEXT (and optionally --system TEXT), or --messages FILE")
+            raise UserError("--chat needs a conversation: --user TEXT (and optionally --system TEXT), "
+                            "or --messages FILE")
         return args.conversation
     try:
         if args.messages == "-":

@@ -95,7 +95,8 @@ def _rope_from_hf(c: dict) -> dict:
     theta = params.get("rope_theta") or c.get("rope_theta") or 10000.0
     out = {"rope_type": rope_type, "rope_theta": theta}
     names = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
-             "high_freq_factor": "rope_high_freq_factor", "original_max_position_embeddings": "rope_original_max_positions"}
+             "high_freq_factor": "rope_high_freq_factor",
+             "original_max_position_embeddings": "rope_original_max_positions"}
     out.update({names[k]: params[k] for k in _ROPE_KEYS[rope_type]})
     return out
 

@@ -63,7 +63,8 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
         return inv_freq / f32(config.rope_factor)
     if config.rope_type == "llama3":
         # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-        factor, low, high = (f32(getattr(config, f"rope_{k}")) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        factor, low, high = (f32(config.rope_factor), f32(config.rope_low_freq_factor),
+                             f32(config.rope_high_freq_factor))
         old_len = f32(config.rope_original_max_positions)
         wavelen = f32(2 * math.pi) / inv_freq
         scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
