@@ -7,7 +7,7 @@ Three kinds of source, told apart by their files:
   layout, padded vocab), `tokenizer.json`.
 - **training workdir**: `model.json`, `tokenizer.json` and orbax checkpoints under `checkpoints/` (see
   aigc_jax/train/checkpoint.py); the latest checkpoint's params are loaded.
-- **HF GPT-2 dir**: `config.json` with model_type "gpt2" plus weights (see aigc_jax/interop/hf.py).
+- **HF dir**: `config.json` with model_type gpt2, llama, qwen2 or mistral plus weights (see aigc_jax/interop/hf.py).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _maybe_tokenizer(directory: str) -> tok.Tokenizer | None:
 def kind(src: str) -> str:
     """"hf", "model_dir" or "workdir" for a directory; a one-line error for anything else."""
     if not os.path.exists(src):
-        raise UserError(f"model source {src} does not exist (expected a model dir, a training workdir or an HF GPT-2 dir)")
+        raise UserError(f"model source {src} does not exist (expected a model dir, a training workdir or an HF model dir)")
     if not os.path.isdir(src):
         raise UserError(f"model source {src} is a file; pass its directory")
     if os.path.isfile(os.path.join(src, PARAMS_FILE)):
@@ -137,12 +137,12 @@ def kind(src: str) -> str:
         return "hf"
     raise UserError(
         f"{src} is not a model: expected {PARAMS_FILE} + {MODEL_FILE} (model dir), {MODEL_FILE} + checkpoints/ "
-        "(training workdir) or config.json + weights (HF GPT-2 dir)"
+        "(training workdir) or config.json + weights (HF model dir)"
     )
 
 
 def load_any(src: str):
-    """(config, params, tokenizer or None) from a model dir, a training workdir or an HF GPT-2 dir."""
+    """(config, params, tokenizer or None) from a model dir, a training workdir or an HF model dir."""
     k = kind(src)
     if k == "model_dir":
         return load_model_dir(src)

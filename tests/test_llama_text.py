@@ -251,12 +251,14 @@ def test_train_init_from_hf_llama_dir_and_export(chat_model, tmp_path):
     proc = run_cli("train", "--init-from", directory, "--data", text, "--data-dir", tmp_path / "data", "--workdir",
                    tmp_path / "run", "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
                    "--warmup-steps", "0", "--eval-every", "0", "--no-progress", "--log-every", "1",
-                   "--set", "dropout=0")
+                   "--set", "remat=full")
     assert proc.returncode == 0, proc.stderr
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in line]
     assert losses[-1] < losses[0], losses
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["model"]["family"] == "llama" and run["model"]["n_kv_head"] == 2
+    # Runtime keys: the one set (remat), the source's for the rest (no dropout, not the default preset's 0.2).
+    assert (run["model"]["remat"], run["model"]["dropout"]) == ("full", 0.0)
     proc = run_cli("convert", "--to-hf", tmp_path / "run", "--out", tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr
     transformers = transformers_or_skip()

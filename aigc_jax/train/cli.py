@@ -105,8 +105,14 @@ def _train(args) -> int:
     from aigc_jax.train import loop
 
     model_config, train_config = build_configs(args)
+    runtime = None
+    if args.init_from:  # the source's runtime keys, except those given by --config/--set (not the preset's)
+        from aigc_jax import configs
+
+        file_model = configs.load_file(args.config).get("model", {}) if args.config else {}
+        runtime = {**file_model, **split_overrides(args.set)[0]}
     run = loop.prepare(args.workdir, model_config, train_config, args.data, args.data_dir, args.tokenizer,
-                       args.init_from)
+                       args.init_from, runtime_overrides=runtime)
     result = loop.train(run)
     print(json.dumps(result))
     return 0

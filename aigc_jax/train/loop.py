@@ -57,19 +57,26 @@ def prepare(
     tokenizer_spec: str = "byte",
     init_from: str | None = None,
     dataset: data.TokenData | None = None,
+    runtime_overrides: dict | None = None,
 ) -> Run:
     """Validates the run against data, devices and an existing workdir. Writes nothing.
 
     `dataset`: tokens already loaded (e.g. tokenized by a script on a machine without tensorflow-datasets); it is
-    used instead of loading `data_source`, which then only names the data in run.json."""
+    used instead of loading `data_source`, which then only names the data in run.json. `runtime_overrides` (with
+    `init_from`): the runtime keys the user set; the others keep the source model's values. Without it, they
+    come from `model_config`."""
     init = None
     if init_from:
         src_config, init, tokenizer = modeldir.load_any(init_from)
         if tokenizer is None:
             raise UserError(f"{init_from} has no tokenizer files; fine-tuning needs the tokenizer the model was trained with")
         # Shapes come from the source model; only runtime knobs may differ.
-        runtime = {k: getattr(model_config, k) for k in ("dropout", "attn_dropout", "dtype", "attention", "scan_layers", "remat")}
-        model_config = src_config.replace(**runtime)
+        keys = ("dropout", "attn_dropout", "dtype", "attention", "scan_layers", "remat")
+        if runtime_overrides is None:
+            model_config = src_config.replace(**{k: getattr(model_config, k) for k in keys})
+        else:
+            model_config = configs.with_overrides(src_config, {k: v for k, v in runtime_overrides.items()
+                                                               if k in keys}, "model.")
         tokenizer_spec = f"from:{init_from}"
     else:
         tokenizer = _make_tokenizer(tokenizer_spec, data_source, data_dir)
