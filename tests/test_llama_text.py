@@ -209,6 +209,26 @@ def test_export_writes_tokenizer_eos_ids_and_template_transformers_loads(chat_mo
     np.testing.assert_array_equal(theirs, original_logits)
 
 
+def test_model_dir_keeps_config_weights_tokenizer_and_template(chat_model, tmp_path, capsys):
+    from flax import traverse_util
+    from test_hf_interop import cli_in_process
+
+    from aigc_jax import modeldir
+
+    directory, _, _ = chat_model
+    proc = cli_in_process(capsys, "convert", "--from-hf", directory, "--out", tmp_path / "ours")
+    assert proc.returncode == 0, proc.stderr
+    config, params, tokenizer = hf.load_hf_dir(directory)
+    got_config, got_params, got_tokenizer = modeldir.load_any(str(tmp_path / "ours"))
+    assert got_config == config and got_config.family == "llama"
+    flat = lambda p: traverse_util.flatten_dict(p, sep="/")
+    for k, v in flat(params).items():
+        np.testing.assert_array_equal(flat(got_params)[k], v, err_msg=k)
+    assert (got_tokenizer.eos_ids, got_tokenizer.chat_template, got_tokenizer.special_tokens) == (
+        tokenizer.eos_ids, tokenizer.chat_template, tokenizer.special_tokens)
+    assert got_tokenizer.render_chat(CONVERSATION) == tokenizer.render_chat(CONVERSATION)
+
+
 # ------------------------------------------------------------------------------------------------------ training
 
 
