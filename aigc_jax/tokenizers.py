@@ -99,12 +99,18 @@ class Tokenizer:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, FILE)
         self.hf.save(path)
-        if self.special_tokens != {"eos_token": EOT}:
-            _write_json(os.path.join(directory, CONFIG_FILE), self.special_tokens)
-        if self.eos_ids != (self.eot_id,):
-            _write_json(os.path.join(directory, GENERATION_FILE), {"eos_token_id": list(self.eos_ids)})
+        side = {CONFIG_FILE: self.special_tokens if self.special_tokens != {"eos_token": EOT} else None,
+                GENERATION_FILE: {"eos_token_id": list(self.eos_ids)} if self.eos_ids != (self.eot_id,) else None}
+        for name, data in side.items():
+            if data is not None:
+                _write_json(os.path.join(directory, name), data)
+            elif os.path.isfile(os.path.join(directory, name)):  # an earlier tokenizer's: it would be read as ours
+                os.remove(os.path.join(directory, name))
+        template = os.path.join(directory, chat.TEMPLATE_FILE)
         if self.chat_template is not None:
             chat.save_template(os.fspath(directory), self.chat_template)
+        elif os.path.isfile(template):
+            os.remove(template)
         return path
 
     def render_chat(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:

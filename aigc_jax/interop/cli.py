@@ -42,9 +42,10 @@ def _convert(args) -> int:
         _check_out(args.out, "model_dir")
         config, params, tokenizer = hf.load_hf_dir(args.from_hf, dtype=args.dtype)
         modeldir.save_model_dir(args.out, config, params, tokenizer)
-        stale = os.path.join(args.out, "tokenizer.json")
-        if tokenizer is None and os.path.isfile(stale):  # from an earlier conversion: it would be loaded as ours
-            os.remove(stale)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+            stale = os.path.join(args.out, name)
+            if tokenizer is None and os.path.isfile(stale):  # from an earlier conversion: it would be loaded as ours
+                os.remove(stale)
         kind = "aigc_jax model dir"
     else:
         _check_out(args.out, "hf")
