@@ -197,6 +197,8 @@ def load(directory: str | os.PathLike) -> Tokenizer:
             raise UserError(f"cannot read {path}: {e}") from None
         config = _read_json(os.path.join(directory, CONFIG_FILE))
         special = {k: _token_text(config.get(k)) for k in SPECIAL_TOKENS}
+        if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+            _llama_pipeline(hf, config)
         _apply_add_flags(hf, config, special)
         eot = special["eos_token"] or EOT
         eos_ids = _eos_ids(_read_json(os.path.join(directory, GENERATION_FILE)).get("eos_token_id"))
@@ -239,6 +241,19 @@ def _eos_ids(value) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise UserError(f"{GENERATION_FILE}: eos_token_id must be an int or a list of ints, got {value!r}")
     return ids
+
+
+def _llama_pipeline(hf: tokenizers.Tokenizer, config: dict) -> None:
+    """transformers 5's LlamaTokenizer (Llama 2, Mistral) keeps tokenizer.json's vocabulary, merges and
+    post-processor but rebuilds the rest: Metaspace instead of older files' Prepend("▁") normalizer (which differs
+    on text that starts with a space), prefixing per `add_prefix_space` and `legacy`. Do the same, so ids match."""
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
 
 
 def _apply_add_flags(hf: tokenizers.Tokenizer, config: dict, special: dict) -> None:

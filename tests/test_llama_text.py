@@ -46,6 +46,30 @@ def sentencepiece_style(directory):
     return t
 
 
+def sentencepiece_file_style(directory, legacy=True):
+    """A Llama 2 / Mistral directory as transformers 4.x's converter wrote it: tokenizer.json with a Prepend("▁")
+    normalizer and no pre-tokenizer, tokenizer_config.json naming LlamaTokenizer (which transformers 5 rebuilds
+    around the file's vocabulary: the oracle is what AutoTokenizer makes of the directory)."""
+    from tokenizers import decoders, normalizers
+
+    transformers_or_skip()
+    _, vocab, merges = _trained_bpe(pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"])
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    hf_tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
+                                             unk_token="<unk>"))
+    hf_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf_tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+    hf_tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    hf_tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                          special_tokens=[("<s>", 1)])
+    hf_tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": legacy, "chat_template": MISTRAL}))
+
+
 def qwen2_style(directory):
     """Qwen2: transformers' Qwen2Tokenizer (byte-level BPE, NFC, no BOS) with <|im_start|>/<|im_end|>."""
     transformers = transformers_or_skip()
@@ -79,7 +103,9 @@ def llama3_style(directory):
     return t
 
 
-STYLES = {"sentencepiece": sentencepiece_style, "qwen2": qwen2_style, "llama3": llama3_style}
+STYLES = {"sentencepiece": sentencepiece_style, "qwen2": qwen2_style, "llama3": llama3_style,
+          "sentencepiece-v4-file": sentencepiece_file_style,
+          "sentencepiece-v4-file-nonlegacy": lambda d: sentencepiece_file_style(d, legacy=False)}
 
 
 @pytest.fixture(scope="module", params=list(STYLES))
@@ -122,7 +148,7 @@ def test_chat_prompt_ids_equal_apply_chat_template(style):
     transformers = transformers_or_skip()
     oracle = transformers.AutoTokenizer.from_pretrained(str(directory))
     ours = tok.load(directory)
-    for messages in (CONVERSATION[1:2], CONVERSATION if name != "sentencepiece" else CONVERSATION[1:]):
+    for messages in (CONVERSATION[1:2], CONVERSATION if not name.startswith("sentencepiece") else CONVERSATION[1:]):
         expected = oracle.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
         text = ours.render_chat(messages)
