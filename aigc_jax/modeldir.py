@@ -57,7 +57,8 @@ def save_model_dir(directory: str, config: configs.ModelConfig, params, tokenize
     from aigc_jax.model import match_layout
 
     params = match_layout(params, config.replace(scan_layers=False))
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    # C order: safetensors writes an array's buffer as it lies, so a transposed view would be stored transposed.
+    flat = {k: np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, PARAMS_FILE + ".tmp")
     save_file(flat, tmp)

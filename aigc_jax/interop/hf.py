@@ -213,7 +213,8 @@ def _llama_params_from_hf(state: dict, config):
             raise UserError(f"weight {name} is missing from the checkpoint (config.json says n_layer={config.n_layer}"
                             f", tie_word_embeddings={str(config.tie_word_embeddings).lower()})")
         w = hf_llama.from_hf(path, _to_numpy(state.pop(name)), shape, config.vocab_size)
-        flat[path] = w.astype(_np_dtype(config.param_dtype))
+        # C order: a transposed view would reach safetensors (model dirs) as its raw, transposed buffer.
+        flat[path] = np.ascontiguousarray(w.astype(_np_dtype(config.param_dtype)))
     _refuse_unexpected(state, hf_llama.ignored, hf_llama.ARCHITECTURES[config.hf_model_type])
     return match_layout(traverse_util.unflatten_dict(flat), config)
 
