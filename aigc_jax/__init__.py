@@ -1,9 +1,9 @@
-"""aigc_jax: GPT-2-family language models in JAX/Flax.
+"""aigc_jax: GPT-2- and Llama-family language models in JAX/Flax.
 
 Importing the package is cheap and never imports tensorflow_datasets (the data layer imports it lazily).
 """
 
-from aigc_jax.configs import PRESETS, ModelConfig, get_preset
+from aigc_jax.configs import PRESETS, LlamaConfig, ModelConfig, get_preset
 from aigc_jax.errors import ConfigError, UserError
 from aigc_jax.model import Decoder, KVCache, count_params, flops_per_token, forward, init_params, param_count
 
@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "Decoder",
     "KVCache",
+    "LlamaConfig",
     "ModelConfig",
     "UserError",
     "count_params",

@@ -1,15 +1,18 @@
 """The notebook API: load a model, encode, generate, decode.
 
     import aigc_jax.api as aj
-    lm = aj.load("path/to/gpt2")          # an HF GPT-2 dir, an aigc_jax model dir or training workdir
+    lm = aj.load("path/to/gpt2")          # an HF GPT-2/Llama/Qwen2/Mistral dir, a model dir or training workdir
     ids = lm.encode("Once upon a time")
     print(lm.generate("Once upon a time", max_new_tokens=40, temperature=0))  # greedy; or top_k, top_p, num_beams
     print(lm.decode(lm.generate_ids(ids, max_new_tokens=40, temperature=0)))
 
 `generate`/`generate_ids` take one prompt or a list (batched; left-padded on device) and the keyword arguments of
-`aigc_jax.decode.GenerationConfig` (HF `generate`'s names). EOS defaults to the tokenizer's `<|endoftext|>`.
+`aigc_jax.decode.GenerationConfig` (HF `generate`'s names). EOS defaults to the tokenizer's EOS ids
+(`<|endoftext|>` for GPT-2; a Llama-family model's eos token and generation_config.json's list).
 Sampling draws a fresh seed per call unless `seed=` is given; `lm.last_seed` is the seed the last call used, so
 `lm.generate(prompt, temperature=0.8, seed=lm.last_seed)` reproduces a sample.
+`lm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=64)` renders the model's chat template as HF's
+apply_chat_template does and returns the assistant's reply.
 """
 
 from __future__ import annotations
@@ -45,15 +48,17 @@ class LM:
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return self._tok().encode(text)
+        """A prompt's ids as HF's `tokenizer(text)` gives them (with the BOS a Llama tokenizer adds)."""
+        return self._tok().encode(text, add_special_tokens=True)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok().decode(ids)
 
     def config_for(self, **kwargs) -> GenerationConfig:
-        """A GenerationConfig from HF-style keyword arguments, EOS defaulting to the tokenizer's end-of-text."""
+        """A GenerationConfig from HF-style keyword arguments, EOS defaulting to the tokenizer's EOS ids (its
+        end-of-text and generation_config.json's list)."""
         if "eos_ids" not in kwargs and self.tokenizer is not None:
-            kwargs["eos_ids"] = (self.tokenizer.eot_id,)
+            kwargs["eos_ids"] = self.tokenizer.eos_ids
         known = [f.name for f in dataclasses.fields(GenerationConfig)]
         unknown = sorted(set(kwargs) - set(known))
         if unknown:
@@ -83,6 +88,19 @@ class LM:
         ids, single = self._batch(prompts)
         texts = [self.decode(self.strip_eos(o, gen.eos_ids)) for o in self.generator.generate(ids, gen)]
         return texts[0] if single else texts
+
+    def chat_prompt(self, messages, tools=None) -> list[int]:
+        """The ids of `messages` rendered by the model's chat template with the assistant's turn opened, tokenized
+        as HF's apply_chat_template(messages, add_generation_prompt=True) tokenizes them (no special tokens added:
+        the template writes them)."""
+        return self._tok().encode(self._tok().render_chat(messages, tools=tools))
+
+    def chat(self, messages, tools=None, **kwargs) -> str:
+        """The assistant's reply to `messages` (OpenAI-style [{"role", "content"}, …]), generation stopping at any
+        of the model's EOS ids; `kwargs` as for `generate` (e.g. max_new_tokens, temperature=0)."""
+        gen = self.config_for(**kwargs)
+        (out,) = self.generator.generate([self.chat_prompt(messages, tools)], gen)
+        return self.decode(self.strip_eos(out, gen.eos_ids))
 
     def stream(self, prompt: str | Sequence[int], chunk: int = 16, **kwargs) -> Iterator[str]:
         """Yields the continuation of one prompt piece by piece, every `chunk` tokens."""

@@ -51,29 +51,48 @@ def attention(
     backend: str,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    window: int | None = None,
 ) -> jax.Array:
-    """Softmax attention. Keys and values come in the KV cache's layouts (head-major, keys transposed).
-    `mask_BxTxS` True = may attend; None means plain causal with T == S."""
+    """Softmax attention. Keys and values come in the KV cache's layouts (head-major, keys transposed), with
+    H_kv <= H heads: query head n uses key/value head n // (H / H_kv) (grouped-query attention, HF's repeat_kv).
+    `mask_BxTxS` True = may attend; None means plain causal with T == S, within the last `window` positions
+    when one is given (a given mask already holds the window: see models/cache.attention_mask)."""
     if backend == "cudnn":
         assert mask_BxTxS is None and dropout_rate == 0.0
-        # XLA folds these transposes into the ones that made k and v head-major: no copy.
+        # XLA folds these transposes into the ones that made k and v head-major: no copy. cuDNN takes fewer KV
+        # heads than query heads natively; its window (left, right) counts keys before the query.
         k_BxSxHxD, v_BxSxHxD = k_BxHxDxS.transpose(0, 3, 1, 2), v_BxHxSxD.transpose(0, 2, 1, 3)
-        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, is_causal=True, implementation="cudnn")
-    return xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate, dropout_rng)
+        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, is_causal=True, implementation="cudnn",
+                                            local_window_size=None if window is None else (window - 1, 0))
+    return xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate, dropout_rng, window)
 
 
-def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0, dropout_rng=None):
-    T, S, D = q_BxTxHxD.shape[1], k_BxHxDxS.shape[3], q_BxTxHxD.shape[-1]
+def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0, dropout_rng=None, window=None):
+    B, T, H, D = q_BxTxHxD.shape
+    Hkv, S = k_BxHxDxS.shape[1], k_BxHxDxS.shape[3]
     if mask_BxTxS is None:
         mask_BxTxS = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
-    # Scores and softmax in fp32 whatever the compute dtype: bf16 softmax loses too much for long contexts.
-    scores_BxHxTxS = jnp.einsum(
-        "bthd,bhds->bhts", q_BxTxHxD, k_BxHxDxS, preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(D))
+        if window is not None:
+            mask_BxTxS &= ~jnp.tril(jnp.ones((T, S), bool), k=S - T - window)[None]
+    G = H // Hkv
+    if G > 1:
+        # Grouped heads: query head n = k * G + g reads KV head k. The G query heads of a KV head become G·T rows
+        # of one matmul per (batch, KV head), so K/V are never repeated in memory.
+        q_BxKxMxD = q_BxTxHxD.reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+        scores = jnp.einsum("bkmd,bkds->bkms", q_BxKxMxD, k_BxHxDxS,
+                            preferred_element_type=jnp.float32).reshape(B, H, T, S)
+    else:
+        # Scores and softmax in fp32 whatever the compute dtype: bf16 softmax loses too much for long contexts.
+        scores = jnp.einsum("bthd,bhds->bhts", q_BxTxHxD, k_BxHxDxS, preferred_element_type=jnp.float32)
+    scores_BxHxTxS = scores / jnp.sqrt(jnp.float32(D))
     # A large finite negative (not -inf) so fully masked rows (left-padding queries) give a uniform, NaN-free softmax.
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     if dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
         probs_BxHxTxS = jnp.where(keep, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhts,bhsd->bthd", probs_BxHxTxS.astype(v_BxHxSxD.dtype), v_BxHxSxD)
+    probs_BxHxTxS = probs_BxHxTxS.astype(v_BxHxSxD.dtype)
+    if G > 1:
+        out_BxKxMxD = jnp.einsum("bkms,bksd->bkmd", probs_BxHxTxS.reshape(B, Hkv, G * T, S), v_BxHxSxD)
+        return out_BxKxMxD.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+    return jnp.einsum("bhts,bhsd->bthd", probs_BxHxTxS, v_BxHxSxD)

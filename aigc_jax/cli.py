@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="aigc-jax", description="GPT-2-family language models in JAX: train, evaluate, generate.")
+    parser = _Parser(prog="aigc-jax", description="GPT-2- and Llama-family language models in JAX: train, evaluate, generate.")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not read or write JAX's persistent compilation cache (see aigc_jax/compile_cache.py)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

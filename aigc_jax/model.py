@@ -13,13 +13,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from aigc_jax.models import gpt2
+from aigc_jax.models import gpt2, llama
 from aigc_jax.models.cache import KVCache, attention_mask
 from aigc_jax.models.layers import mask_padded_vocab
 
 Params = Any  # a nested dict of arrays
 
-FAMILIES = {"gpt2": gpt2}
+FAMILIES = {"gpt2": gpt2, "llama": llama}
 
 __all__ = ["KVCache", "attention_mask", "mask_padded_vocab", "Decoder", "family", "init_params", "forward",
            "stack_layers", "unstack_layers", "match_layout", "count_params", "param_count", "flops_per_token"]

@@ -2,12 +2,12 @@
 
 Three kinds of source, told apart by their files:
 
-- **model dir** (inference/export format, written by `convert --from-hf` and `api.LM.save`): `model.json` (the
+- **model dir** (inference/export format, written by `convert --from-hf`): `model.json` (the
   model config), `params.safetensors` (flattened "h_0/attn/c_attn/kernel" keys, unrolled layout, padded vocab),
   `tokenizer.json`.
 - **training workdir** (written by `aigc-jax train`): `run.json`, `model.json`, `tokenizer.json` and orbax
   checkpoints under `checkpoints/` (aigc_jax/checkpoints.py); the latest checkpoint's params are loaded.
-- **HF dir**: `config.json` plus weights (aigc_jax/interop/hf.py).
+- **HF dir**: `config.json` with model_type gpt2, llama, qwen2 or mistral plus weights (aigc_jax/interop/hf.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def load_config(directory: str):
 def save_model_dir(directory: str, config, params, tokenizer: tok.Tokenizer | None) -> None:
     """Writes the inference format; params in either layer layout are stored unrolled."""
     params = model.match_layout(params, config.replace(scan_layers=False))
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    # C order: safetensors writes an array's buffer as it lies, so a transposed view would be stored transposed.
+    flat = {k: np.ascontiguousarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     os.makedirs(directory, exist_ok=True)
     fileio.atomic_save(os.path.join(directory, PARAMS_FILE), lambda tmp: save_file(flat, tmp))
     save_config(directory, config)
@@ -100,7 +101,7 @@ def _maybe_tokenizer(directory: str) -> tok.Tokenizer | None:
 def kind(src: str) -> str:
     """"hf", "model_dir" or "workdir" for a directory; a one-line error for anything else."""
     if not os.path.exists(src):
-        raise UserError(f"model source {src} does not exist (expected a model dir, a training workdir or an HF dir)")
+        raise UserError(f"model source {src} does not exist (expected a model dir, a training workdir or an HF model dir)")
     if not os.path.isdir(src):
         raise UserError(f"model source {src} is a file; pass its directory")
     if os.path.isfile(os.path.join(src, PARAMS_FILE)):
@@ -115,12 +116,12 @@ def kind(src: str) -> str:
         return "hf"
     raise UserError(
         f"{src} is not a model: expected {PARAMS_FILE} + {MODEL_FILE} (model dir), {MODEL_FILE} + checkpoints/ "
-        "(training workdir) or config.json + weights (HF dir)"
+        "(training workdir) or config.json + weights (HF model dir)"
     )
 
 
 def load_any(src: str):
-    """(config, params, tokenizer or None) from a model dir, a training workdir or an HF dir."""
+    """(config, params, tokenizer or None) from a model dir, a training workdir or an HF model dir."""
     k = kind(src)
     if k == "model_dir":
         return load_model_dir(src)

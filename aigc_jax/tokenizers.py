@@ -3,11 +3,14 @@
 - `byte_level()`: 256 byte ids (id == byte value) + `<|endoftext|>` = 257; any text, no training.
 - `char_level(text)`: one id per distinct character (nanoGPT's shakespeare_char), + `<|endoftext|>`.
 - `gpt2_bpe(...)` / `load(dir)`: GPT-2 byte-level BPE from vocab.json+merges.txt, tokenizer.json, or OpenAI's
-  encoder.json+vocab.bpe.
+  encoder.json+vocab.bpe; `load(dir)` also reads any HF fast tokenizer's tokenizer.json (byte-level BPE as in
+  Llama 3 / Qwen2, SentencePiece-converted BPE as in Llama 2 / Mistral) with its special tokens from
+  tokenizer_config.json, its EOS ids from generation_config.json and its chat template.
 - `train_bpe(texts, vocab_size)`: a byte-level BPE trained on a corpus.
 
-Every tokenizer is saved as a `tokenizer.json` that `load()` restores exactly, and `<|endoftext|>` separates
-documents.
+Every tokenizer is saved as a `tokenizer.json` that `load()` restores exactly (plus tokenizer_config.json,
+generation_config.json and chat_template.jinja when it has more than GPT-2's `<|endoftext|>` to say), and its
+end-of-text token separates documents.
 """
 
 from __future__ import annotations
@@ -19,31 +22,49 @@ from collections.abc import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from aigc_jax import fileio
+from aigc_jax import chat, fileio
 from aigc_jax.errors import UserError
 
 EOT = "<|endoftext|>"
 FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+GENERATION_FILE = "generation_config.json"
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # what a chat template may read
 
 
 class Tokenizer:
-    """A thin, picklable-by-path wrapper: ids in, text out, plus the end-of-text id."""
+    """A thin, picklable-by-path wrapper: ids in, text out, plus the end-of-text id.
 
-    def __init__(self, hf: tokenizers.Tokenizer, eot_token: str = EOT):
+    `eot_token` ends a document (HF's eos_token); `eos_ids` are every id that ends a generation (the end-of-text
+    id first, then generation_config.json's, e.g. Llama 3 Instruct's <|eot_id|>); `special_tokens` are the
+    bos/eos/unk/pad strings HF hands a chat template; `chat_template` is the model's Jinja chat template or None.
+    """
+
+    def __init__(self, hf: tokenizers.Tokenizer, eot_token: str = EOT, *, special_tokens: dict | None = None,
+                 eos_ids: Sequence[int] = (), chat_template: str | None = None):
         self.hf = hf
         eot_id = hf.token_to_id(eot_token)
         if eot_id is None:
             raise UserError(f"tokenizer has no {eot_token!r} token; add it as a special token")
         self.eot_token, self.eot_id = eot_token, eot_id
+        self.special_tokens = {k: v for k, v in {**(special_tokens or {}), "eos_token": eot_token}.items() if v}
+        self.eos_ids = tuple(dict.fromkeys([eot_id, *map(int, eos_ids)]))
+        self.chat_template = chat_template
+
+    @property
+    def bos_id(self) -> int | None:
+        bos = self.special_tokens.get("bos_token")
+        return None if bos is None else self.hf.token_to_id(bos)
 
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; add_special_tokens=True adds what HF's `tokenizer(text)` adds (Llama: BOS)."""
+        return self.encode_batch([text], add_special_tokens)[0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         if isinstance(texts, str):
             raise UserError("encode_batch takes a list of strings; for one string use encode")
         texts = list(texts)
@@ -52,7 +73,7 @@ class Tokenizer:
         if bad is not None:
             raise UserError(f"can only encode text (str), got {type(bad).__name__} {bad!r:.60}")
         try:
-            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
         except Exception as e:  # tokenizers raises a bare Exception, e.g. a char vocabulary meeting a new character
             raise UserError(f"cannot encode text: {e}{self._unknown_chars_hint(texts)}") from None
 
@@ -91,10 +112,32 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | os.PathLike) -> str:
+        """Writes tokenizer.json; and, for a tokenizer with more than GPT-2's `<|endoftext|>` to say, its special
+        tokens (tokenizer_config.json), EOS ids (generation_config.json) and chat template (chat_template.jinja)."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, FILE)
         fileio.atomic_save(path, self.hf.save)
+        side = {CONFIG_FILE: self.special_tokens if self.special_tokens != {"eos_token": EOT} else None,
+                GENERATION_FILE: {"eos_token_id": list(self.eos_ids)} if self.eos_ids != (self.eot_id,) else None}
+        for name, data in side.items():
+            if data is not None:
+                fileio.atomic_write_json(os.path.join(directory, name), data)
+            elif os.path.isfile(os.path.join(directory, name)):  # an earlier tokenizer's: it would be read as ours
+                os.remove(os.path.join(directory, name))
+        template = os.path.join(directory, chat.TEMPLATE_FILE)
+        if self.chat_template is not None:
+            chat.save_template(os.fspath(directory), self.chat_template)
+        elif os.path.isfile(template):
+            os.remove(template)
         return path
+
+    def render_chat(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt text of `messages` as HF's apply_chat_template renders it (see aigc_jax/chat.py)."""
+        if self.chat_template is None:
+            raise UserError("this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
+                            "chat_template); use plain prompts")
+        return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           special_tokens=self.special_tokens, **kwargs)
 
     def __repr__(self):
         return f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
@@ -170,7 +213,14 @@ def load(directory: str | os.PathLike) -> Tokenizer:
             hf = tokenizers.Tokenizer.from_file(path)
         except Exception as e:
             raise UserError(f"cannot read {path}: {e}") from None
-        return Tokenizer(hf, _eot_token(directory))
+        config = _read_json(os.path.join(directory, CONFIG_FILE))
+        special = {k: _token_text(config.get(k)) for k in SPECIAL_TOKENS}
+        if config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast"):
+            _llama_pipeline(hf, config)
+        _apply_add_flags(hf, config, special)
+        eot = special["eos_token"] or EOT
+        eos_ids = _eos_ids(_read_json(os.path.join(directory, GENERATION_FILE)).get("eos_token_id"))
+        return Tokenizer(hf, eot, special_tokens=special, eos_ids=eos_ids, chat_template=chat.load_template(directory))
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
         if os.path.isfile(os.path.join(directory, vocab)):
             return gpt2_bpe(os.path.join(directory, vocab), os.path.join(directory, merges))
@@ -179,17 +229,59 @@ def load(directory: str | os.PathLike) -> Tokenizer:
     )
 
 
-def _eot_token(directory: str) -> str:
-    # HF directories name their end-of-text token in tokenizer_config.json; GPT-2's is <|endoftext|>.
-    path = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                token = json.load(f).get("eos_token", EOT)
-            return token["content"] if isinstance(token, dict) else (token or EOT)
-        except (ValueError, OSError):
-            pass
-    return EOT
+def _read_json(path: str) -> dict:
+    """An optional HF side file: {} when absent; unreadable is an error naming it."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path} is corrupt ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is corrupt (expected a JSON object)")
+    return data
+
+
+def _token_text(token) -> str | None:
+    # tokenizer_config.json names a token by its text or as an AddedToken object {"content": ...}.
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _eos_ids(value) -> list[int]:
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{GENERATION_FILE}: eos_token_id must be an int or a list of ints, got {value!r}")
+    return ids
+
+
+def _llama_pipeline(hf: tokenizers.Tokenizer, config: dict) -> None:
+    """transformers 5's LlamaTokenizer (Llama 2, Mistral) keeps tokenizer.json's vocabulary, merges and
+    post-processor but rebuilds the rest: Metaspace instead of older files' Prepend("▁") normalizer (which differs
+    on text that starts with a space), prefixing per `add_prefix_space` and `legacy`. Do the same, so ids match."""
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if add_prefix_space else []))
+
+
+def _apply_add_flags(hf: tokenizers.Tokenizer, config: dict, special: dict) -> None:
+    """tokenizer_config.json's explicit add_bos_token / add_eos_token rebuild the post-processor, as transformers'
+    `update_post_processor` does; without them tokenizer.json's own post-processor stands."""
+    if "add_bos_token" not in config and "add_eos_token" not in config:
+        return
+    ends = [(special["bos_token"], config.get("add_bos_token", False)), (special["eos_token"],
+                                                                          config.get("add_eos_token", False))]
+    (bos, add_bos), (eos, add_eos) = [(t, bool(add) and t is not None and hf.token_to_id(t) is not None)
+                                      for t, add in ends]
+    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
+    pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
+    used = [t for t, add in ((bos, add_bos), (eos, add_eos)) if add]
+    hf.post_processor = processors.TemplateProcessing(single=single, pair=pair,
+                                                      special_tokens=[(t, hf.token_to_id(t)) for t in used])
 
 
 def _bytes_to_unicode() -> dict[int, str]:

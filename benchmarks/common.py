@@ -61,34 +61,46 @@ def model_config(preset: str, dtype: str = "float32", overrides: dict | None = N
 
 
 def param_count(cfg) -> int:
-    """GPT-2 parameters as HF counts them (unpadded vocabulary, position embeddings included), from the shapes.
+    """Parameters as HF counts them (unpadded vocabulary, GPT-2's position embeddings included), from the shapes.
 
     Equals aigc_jax.model.param_count (tests/test_benchmarks.py checks it) without importing jax.
     """
-    d, L = cfg.n_embd, cfg.n_layer
+    d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    if cfg.family == "llama":
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        attn = d * (q + 2 * kv) + q * d + (q + 2 * kv) * cfg.qkv_bias + d * cfg.o_bias
+        mlp = 3 * d * cfg.n_inner + (2 * cfg.n_inner + d) * cfg.mlp_bias
+        return V * d * (1 if cfg.tie_word_embeddings else 2) + L * (attn + mlp + 2 * d) + d
     per_layer = 12 * d * d + 13 * d  # c_attn, attn c_proj, c_fc, mlp c_proj (+ biases), ln_1, ln_2
-    return cfg.vocab_size * d + cfg.n_positions * d + L * per_layer + 2 * d
+    return V * d + cfg.n_positions * d + L * per_layer + 2 * d
+
+
+def lookup_params(cfg) -> int:
+    """Parameters read by lookup, not matmul: GPT-2's position table, a Llama's untied token embedding."""
+    if cfg.family == "llama":
+        return 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.n_embd
+    return cfg.n_positions * cfg.n_embd
 
 
 def flops_per_token(cfg, seq_len: int) -> int:
-    """Training FLOPs per token, 6N + 12·L·d·T with N excluding position embeddings (= aigc_jax.model's)."""
-    n = param_count(cfg) - cfg.n_positions * cfg.n_embd
-    return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+    """Training FLOPs per token, 6N + 12·L·(H·Dh)·T with N excluding lookup-only tables (= aigc_jax.model's)."""
+    n = param_count(cfg) - lookup_params(cfg)
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
 def decode_step_bytes(cfg, batch: int, prompt_len: int, new_tokens: int, weight_bytes: int, kv_bytes: int,
                       padded_vocab: bool = True) -> dict:
     """The bytes one decode step must read from device memory, averaged over the steps of a generate call.
 
-    weights: every parameter once except the position table (one row is read); the tied embedding counts once,
-    as the LM head reads all of it (padded rows included where the model pads). KV cache: keys and values of
-    every earlier token of every layer, prompt + t at step t, averaged over t = 1 … new_tokens - 1. An
-    implementation that reads all preallocated slots moves more than this; the count is the useful minimum.
+    weights: every parameter once except the lookup-only tables (one row is read); the LM head (a tied embedding
+    counts once) is read whole, padded rows included where the model pads. KV cache: keys and values of every
+    earlier token of every layer's n_kv_head heads, prompt + t at step t, averaged over t = 1 … new_tokens - 1.
+    An implementation that reads all preallocated slots moves more than this; the count is the useful minimum.
     """
     vocab = cfg.padded_vocab_size if padded_vocab else cfg.vocab_size
-    n = param_count(cfg) - cfg.n_positions * cfg.n_embd + (vocab - cfg.vocab_size) * cfg.n_embd
+    n = param_count(cfg) - lookup_params(cfg) + (vocab - cfg.vocab_size) * cfg.n_embd
     avg_len = prompt_len + new_tokens / 2
-    kv = 2 * cfg.n_layer * batch * avg_len * cfg.n_embd * kv_bytes
+    kv = 2 * cfg.n_layer * batch * avg_len * cfg.n_kv_head * cfg.head_dim * kv_bytes
     return {"weight_bytes": n * weight_bytes, "kv_bytes": int(kv), "total_bytes": int(n * weight_bytes + kv)}
 
 

@@ -1,4 +1,5 @@
-"""The peer: HF transformers `GPT2LMHeadModel` in PyTorch, same shapes as ours, random weights and tokens.
+"""The peer: HF transformers `GPT2LMHeadModel` (or `LlamaForCausalLM`, …, for the Llama family) in PyTorch, same
+shapes as ours, random weights and tokens.
 
 Training step (what nanoGPT-style PyTorch training does): forward with labels (HF's shifted cross-entropy) under
 bf16 autocast when the model's compute dtype is bf16 (fp32 params, like ours), SDPA attention, backward,
@@ -36,19 +37,28 @@ def sync(_=None) -> None:
 
 
 def build(cfg, dev: str, seed: int = 0):
-    """An HF GPT-2 with `cfg`'s shapes (unpadded vocabulary: HF's own), SDPA attention, fp32 weights, on `dev`."""
+    """HF's model of `cfg`'s family and shapes (GPT2LMHeadModel, or LlamaForCausalLM / Qwen2 / Mistral as
+    cfg.hf_model_type says; unpadded vocabulary: HF's own), SDPA attention, fp32 weights, on `dev`."""
     import transformers
 
     torch = _torch()
-    hf_config = transformers.GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, activation_function=cfg.activation, layer_norm_epsilon=cfg.layer_norm_epsilon,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout,
-        bos_token_id=None, eos_token_id=None, pad_token_id=0,
-    )
+    if cfg.family == "llama":
+        from aigc_jax.interop import hf_llama
+
+        hf_config = transformers.AutoConfig.for_model(**{**hf_llama.config_to_hf(cfg, None, (), "float32"),
+                                                         "pad_token_id": 0})
+        cls = getattr(transformers, hf_llama.ARCHITECTURES[cfg.hf_model_type])
+    else:
+        hf_config = transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, activation_function=cfg.activation, layer_norm_epsilon=cfg.layer_norm_epsilon,
+            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout,
+            bos_token_id=None, eos_token_id=None, pad_token_id=0,
+        )
+        cls = transformers.GPT2LMHeadModel
     torch.manual_seed(seed)
     with torch.device(dev):
-        return transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa")
+        return cls._from_config(hf_config, attn_implementation="sdpa")
 
 
 def _memory_reset() -> None:
@@ -87,7 +97,7 @@ def train(cfg, batch: int, seq_len: int, *, compile: str | None = None, warmup: 
     if compile == "full":
         forward = torch.compile(model)
     elif compile == "regional":
-        for block in model.transformer.h:
+        for block in (model.model.layers if cfg.family == "llama" else model.transformer.h):
             block.compile()
     elif compile is not None:
         raise ValueError(f"compile must be None, 'full' or 'regional', got {compile!r}")

@@ -1,11 +1,12 @@
-"""The CPU set (`make bench-cpu`, < 10 minutes on 2 cores): ours vs HF transformers in PyTorch, fp32, same run.
+"""The CPU set (`make bench-cpu`, < 15 minutes on 2 cores): ours vs HF transformers in PyTorch, fp32, same run.
 
     python benchmarks/run_cpu.py [--out DIR] [--sections main,data,levers] [--quick] [--list]
 
 main:   `baby` (6 layers, d=384, vocab 257) training B8×T256, ours vs HF eager (target ≥ 1.2×);
         decoding prompt 16 + 256 new tokens at batch 1, ours vs HF generate with the dynamic cache and with
         the static cache (target ≥ 3× faster). For decoding, n_positions is raised to 1024 on both sides
-        (the baby's 256-token context cannot hold 16 + 256); it changes no compute.
+        (the baby's 256-token context cannot hold 16 + 256); it changes no compute. The same train and decode
+        cases for `llama-baby` (6 layers, d=384, 6 heads / 2 KV heads, SwiGLU 1024) vs HF's LlamaForCausalLM.
 data:   the input pipeline (benchmarks/data_throughput.py) on the embedded default corpus.
 levers: ours with scan_layers, remat=dots, unpadded vocab, donation off, shard_map (decoding always runs unrolled layers).
 flags:  (optional: `--sections flags`) XLA CPU flags, one process each, train + decode batch 1.
@@ -37,7 +38,7 @@ XLA_FLAG_VARIANTS = {
 
 
 def build(quick: bool = False) -> list[Group]:
-    preset = "tiny" if quick else "baby"
+    preset, llama = ("tiny", "llama-tiny") if quick else ("baby", "llama-baby")
     train = dict(preset=preset, dtype="float32", batch=2 if quick else 8, seq_len=32 if quick else 256,
                  opts={"windows": 2, "steps_per_window": 1} if quick else {"windows": 5, "steps_per_window": 2})
     decode = dict(preset=preset, dtype="float32", model={"n_positions": 1024}, batch=1, prompt_len=16,
@@ -64,6 +65,15 @@ def build(quick: bool = False) -> list[Group]:
             case("decode", "hf_dynamic", **peer_decode),
             case("decode", "hf_static_eager", **peer_decode),
         ]),
+        # The Llama family: llama-baby (the baby's size, SwiGLU, 2 KV heads) against transformers' LlamaForCausalLM.
+        Group("ours-llama", "main", 150, [
+            case("train", "ours", **{**train, "preset": llama}),
+            case("decode", "ours", **{**ours_decode, "preset": llama}),
+        ]),
+        Group("peer-llama", "main", 150, [
+            case("train", "hf_eager", **{**train, "preset": llama}),
+            case("decode", "hf_dynamic", **{**peer_decode, "preset": llama}),
+        ]),
         data_group(60, "--seconds", "0.5" if quick else "1",
                    "--shapes", "8x256,64x256" if quick else "8x256,64x256,16x1024,64x1024"),
         Group("ours-levers", "levers", 240, [
@@ -79,5 +89,5 @@ def build(quick: bool = False) -> list[Group]:
 
 
 if __name__ == "__main__":
-    main("cpu", build, title="CPU set (make bench-cpu)", targets="cpu", total_budget_s=570, grace_s=30,
+    main("cpu", build, title="CPU set (make bench-cpu)", targets="cpu", total_budget_s=870, grace_s=30,
          env={"JAX_PLATFORMS": "cpu"}, doc=__doc__)

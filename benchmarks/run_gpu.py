@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/run_gpu.py --out $OUT            # everything, main table first
     PYTHONPATH=. python3 benchmarks/run_gpu.py --sections levers,flags --budget 240 --out $OUT
+    PYTHONPATH=. python3 benchmarks/run_gpu.py --sections llama --budget 360 --out $OUT   # Llama-3.2-1B shape
     python3 benchmarks/run_gpu.py --list                               # what would run
 
 Sections, in order (each group has its own time budget; a group that cannot start in the total budget, or cases
@@ -15,6 +16,9 @@ its worker did not reach, are recorded as skipped, saying so):
            scan_layers, remat=dots, no donation, shard_map; decode with fp32 weights.
   flags    XLA GPU flags, each in its own process (XLA_FLAGS is read once at start): train 124M + decode batch 1.
   data     the host input pipeline on synthetic tokens.
+  llama    (optional: `--sections llama`) a Llama-3.2-1B-shaped model (random weights, bf16): train B8×T1024 ours
+           vs HF eager vs HF torch.compile; decode prompt 16 + 256 new at batch 1 and 64, ours vs HF dynamic /
+           static cache.
 
 Output under --out (default $OUT): results.jsonl (raw), log.txt (worker stderr), report.md, train.png,
 decode.png, levers.png. The last thing printed is the short table (targets, training, decoding).
@@ -87,6 +91,17 @@ def build(quick: bool = False) -> list[Group]:
             lever("no donation", opts={"donate": False}),
             lever("shard_map", opts={"mode": "shard_map"}),
         ]),
+    ]
+    # The Llama family at Llama-3.2-1B's shape (random weights): GQA 32/8 heads, vocab 128256, tied head.
+    llama = "llama-tiny" if quick else "llama-3.2-1b"
+    train_llama = {**train, "preset": llama, "batch": 2 if quick else 8}
+    groups += [
+        Group("ours-llama", "llama", 150, [case("train", "ours", **train_llama), dec("ours", 1, preset=llama),
+                                           dec("ours", 64, preset=llama)], optional=True),
+        Group("peer-llama", "llama", 200, [case("train", "hf_eager", **train_llama),
+                                           case("train", "hf_compile", **train_llama),
+                                           dec("hf_dynamic", 1, preset=llama), dec("hf_static", 1, preset=llama),
+                                           dec("hf_static", 64, preset=llama)], optional=True),
     ]
     groups += flag_groups(XLA_FLAG_VARIANTS, lambda label: [lever(label), dec("ours", 1, label)], 60)
     groups.append(data_group(30, "--synthetic", "100000000", "--seconds", "1", "--shapes", "16x1024,64x1024,256x1024"))

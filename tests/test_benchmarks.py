@@ -18,7 +18,8 @@ def tiny_config(**overrides):
     return common.model_config("tiny", "float32", overrides)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "baby", "gpt2", "gpt2-xl"])
+@pytest.mark.parametrize("preset", ["tiny", "baby", "gpt2", "gpt2-xl", "llama-tiny", "llama-baby", "llama-3.2-1b",
+                                    "llama-3-8b", "qwen2.5-7b"])
 def test_flop_and_parameter_counts_match_the_model(preset):
     from aigc_jax import model
 
@@ -55,12 +56,13 @@ def test_decode_speed_runs_and_reports():
     assert r["param_dtype"] == "float32"
 
 
-def test_peer_torch_train_and_generate():
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_peer_torch_train_and_generate(preset):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from benchmarks import peer_torch
 
-    cfg = tiny_config()
+    cfg = common.model_config(preset, "float32")
     r = peer_torch.train(cfg, 2, 16, peak_flops=1e12, **TINY)
     assert r["tokens_per_s"] > 0 and r["params"] == common.param_count(cfg)
     for cache in ("dynamic", "static"):
@@ -136,7 +138,11 @@ def test_run_scripts_define_their_sets():
     from benchmarks import run_cpu, run_gpu
 
     cpu = run_cpu.build(quick=False)
-    assert [g.section for g in cpu if not g.optional] == ["main", "main", "data", "levers"]
+    assert [g.section for g in cpu if not g.optional] == ["main", "main", "main", "main", "data", "levers"]
+    llama = [c for g in cpu if g.name.endswith("-llama") for c in g.cases]
+    assert {(c["bench"], c["impl"], c["preset"]) for c in llama} == {
+        ("train", "ours", "llama-baby"), ("decode", "ours", "llama-baby"), ("train", "hf_eager", "llama-baby"),
+        ("decode", "hf_dynamic", "llama-baby")}
     flags = [g for g in cpu if g.section == "flags"]
     assert flags[0].name == "flags-baseline" and not flags[0].xla_flags and all(g.xla_flags for g in flags[1:])
     gpu = run_gpu.build(quick=False)
@@ -145,3 +151,5 @@ def test_run_scripts_define_their_sets():
     assert {(c["bench"], c["impl"]) for c in main_cases} >= {
         ("train", "ours"), ("train", "hf_eager"), ("train", "hf_compile"), ("decode", "ours"),
         ("decode", "hf_dynamic"), ("decode", "hf_static"), ("peak", "jax")}
+    llama = [c for g in gpu if g.section == "llama" for c in g.cases]
+    assert {c["preset"] for c in llama} == {"llama-3.2-1b"} and {c["impl"] for c in llama} >= {"ours", "hf_eager"}

@@ -110,10 +110,42 @@ def test_one_vs_eight_devices_pmap_and_shard_map():
     assert ref["losses"][-1] < ref["losses"][0]
 
 
+def torch_adamw_step(hf_model, tokens, tc):
+    """transformers + clip_grad_norm_ + torch.optim.AdamW, decay on every >= 2-D weight (matrices, embeddings), on
+    the mean next-token loss: (loss, grad norm, clipped grads by name, the new state dict)."""
+    import torch
+
+    hf_model.train()
+    t = torch.tensor(tokens, dtype=torch.long)
+    logits = hf_model(t[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(hf_model.parameters(), tc.grad_clip)
+    grads = {k: p.grad.numpy().copy() for k, p in hf_model.named_parameters()}
+    decay = [p for p in hf_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in hf_model.parameters() if p.dim() < 2]
+    torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                      lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps).step()
+    return loss.item(), float(norm), grads, {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+
+
+def our_step(config, params, tokens, tc):
+    """Our train step on one device, all targets weighted: (new params in HF names, metrics)."""
+    from aigc_jax.interop import hf
+
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    opt = optim.make(tc)
+    fn = parallel.wrap(functools.partial(train_step, model_config=config, train_config=tc, optimizer=opt),
+                       "shard_map", mesh, ("rep", "data"), ("rep", "rep"))
+    mask = np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)
+    state, metrics = fn(init_state(params, opt, 0), {"tokens": tokens, "loss_mask": mask})
+    return hf.to_hf_state_dict(jax.device_get(state.params), config), metrics
+
+
 def test_one_adamw_step_on_hf_weights_equals_torch(tmp_path):
     """Imported HF weights, one batch: our step (clipping active, decay on matrices only) equals
     transformers + torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW with the same parameter groups."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from test_hf_interop import make_hf_model
 
@@ -126,29 +158,12 @@ def test_one_adamw_step_on_hf_weights_equals_torch(tmp_path):
     tokens = rng.integers(0, 103, (4, 17), dtype=np.int32)
     tc = TrainConfig(steps=10, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0,
                      weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=0.5)
+    loss, norm, _, expected = torch_adamw_step(hf_model, tokens, tc)
+    assert norm > tc.grad_clip  # clipping is exercised
 
-    # torch: mean next-token loss over all 4 × 16 targets, decay on every >= 2-D weight (matrices, embeddings).
-    hf_model.train()
-    t = torch.tensor(tokens, dtype=torch.long)
-    logits = hf_model(t[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 103), t[:, 1:].reshape(-1))
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(hf_model.parameters(), tc.grad_clip)
-    decay = [p for p in hf_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in hf_model.parameters() if p.dim() < 2]
-    torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                      lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps).step()
-    assert float(norm) > tc.grad_clip  # clipping is exercised
-    expected = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    opt = optim.make(tc)
-    fn = parallel.wrap(functools.partial(train_step, model_config=config, train_config=tc, optimizer=opt),
-                       "shard_map", mesh, ("rep", "data"), ("rep", "rep"))
-    state, metrics = fn(init_state(params, opt, 0), {"tokens": tokens, "loss_mask": np.ones((4, 16), np.float32)})
-    np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5)
-    np.testing.assert_allclose(float(metrics["grad_norm"]), float(norm), rtol=1e-5)
-    got = hf.to_hf_state_dict(jax.device_get(state.params), config)
+    got, metrics = our_step(config, params, tokens, tc)
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
     d = config.n_embd
     for key, value in got.items():
         want = expected[key]

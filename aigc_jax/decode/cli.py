@@ -1,4 +1,5 @@
-"""`aigc-jax generate`: prompts in, continuations out (plain text, streamed text, or JSON lines)."""
+"""`aigc-jax generate`: prompts (or, with --chat, a conversation) in, continuations out (plain text, streamed text,
+or JSON lines)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,18 @@ def register(sub) -> None:
         "shape bucket) and matches HF transformers' generate token for token.",
     )
     p.add_argument("--model", required=True, metavar="SRC",
-                   help="aigc_jax model dir, training workdir, or HF GPT-2 dir; or a preset name for random weights")
+                   help="aigc_jax model dir, training workdir, or HF GPT-2/Llama/Qwen2/Mistral dir; or a preset name "
+                   "for random weights")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F", help="a UTF-8 file with one prompt per line (blank lines skipped)")
+    chat = p.add_argument_group("chat (the model's chat template, rendered as HF's apply_chat_template)")
+    chat.add_argument("--chat", action="store_true", help="generate the assistant's reply to a conversation given "
+                      "by --messages or --system/--user/--assistant (prints the reply only)")
+    chat.add_argument("--messages", metavar="F", help='JSON lines, one {"role": ..., "content": ...} per line '
+                      "('-' = stdin); implies --chat")
+    for role in ("system", "user", "assistant"):
+        chat.add_argument(f"--{role}", metavar="TEXT", action=_Message, dest="conversation", default=[],
+                          help=f"a {role} message, in order with the others (repeatable); implies --chat")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--min-new-tokens", type=int, default=0, help="end-of-text is suppressed before this many tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1: sampling)")
@@ -29,7 +39,7 @@ def register(sub) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob / length ** this")
     p.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
                    help="beam search stopping rule, as HF's early_stopping")
-    p.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS ids (<|endoftext|>, …)")
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed (each prompt's samples depend only on it); default: a fresh one, reported")
     p.add_argument("--json", action="store_true",
@@ -41,6 +51,45 @@ def register(sub) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a runtime model key: dtype, attention, scan_layers (repeatable)")
     p.set_defaults(func=run)
+
+
+class _Message(argparse.Action):
+    """--system/--user/--assistant append to one list, so the conversation keeps the order they were given in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        getattr(namespace, self.dest).append({"role": option_string.lstrip("-"), "content": value})
+
+
+def _conversation(args: argparse.Namespace) -> list[dict] | None:
+    """The messages of --chat, or None without it."""
+    if not (args.chat or args.messages or args.conversation):
+        return None
+    if args.prompt or args.prompts_file:
+        raise UserError("--chat takes its conversation from --messages or --system/--user; "
+                        "drop --prompt/--prompts-file")
+    if args.messages and args.conversation:
+        raise UserError("give the conversation either as --messages FILE or as --system/--user flags, not both")
+    if not args.messages:
+        if not args.conversation:
+            raise UserError("--chat needs a conversation: --user TEXT (and optionally --system TEXT), "
+                            "or --messages FILE")
+        return args.conversation
+    try:
+        if args.messages == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(args.messages, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --messages {args.messages}: {e}") from None
+    messages = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                messages.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"--messages {args.messages} line {n} is not JSON ({e})") from None
+    return messages
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -70,7 +119,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from aigc_jax import api, configs
 
-    prompts = _prompts(args)
+    messages = _conversation(args)
+    prompts = _prompts(args) if messages is None else [""]
     if args.stream and args.json:
         raise UserError("--stream prints text as it comes; --json prints whole results: choose one")
     if args.stream and args.num_beams > 1:
@@ -93,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         knobs["eos_ids"] = ()
     gen = lm.config_for(**knobs)
     knobs["seed"] = gen.seed  # a fresh seed was drawn unless --seed was given: every prompt uses the same one
-    ids = [lm.encode(p) for p in prompts]
+    ids = [lm.encode(p) for p in prompts] if messages is None else [lm.chat_prompt(messages)]
     if args.stream:
         for i, prompt in enumerate(prompts):
             print(("\n" if i else "") + prompt, end="", flush=True)
@@ -106,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         text = lm.decode(lm.strip_eos(out, gen.eos_ids))
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": text, "token_ids": out, "seed": gen.seed}, ensure_ascii=False))
+            head = {"prompt": prompt} if messages is None else {"messages": messages}
+            print(json.dumps({**head, "text": text, "token_ids": out, "seed": gen.seed}, ensure_ascii=False))
         else:
             print(("\n" if i else "") + prompt + text)
     sys.stdout.flush()

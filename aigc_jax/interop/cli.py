@@ -1,4 +1,4 @@
-"""`aigc-jax convert`: HF GPT-2 dir -> aigc_jax model dir, and any model source -> HF GPT-2 dir."""
+"""`aigc-jax convert`: HF dir (GPT-2, Llama, Qwen2, Mistral) -> aigc_jax model dir, and any model source -> HF dir."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from aigc_jax.errors import UserError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "convert",
-        help="convert between HF GPT-2 directories and aigc_jax model dirs",
-        description="--from-hf DIR: HF GPT-2 dir (config.json + model.safetensors or pytorch_model.bin + tokenizer "
+        help="convert between HF directories (GPT-2, Llama, Qwen2, Mistral) and aigc_jax model dirs",
+        description="--from-hf DIR: HF GPT-2/Llama/Qwen2/Mistral dir (config.json + model.safetensors, sharded "
+        "safetensors or pytorch_model.bin + tokenizer "
         "files) -> aigc_jax model dir. --to-hf SRC: a model dir, training workdir or HF dir -> an HF dir that "
-        "transformers.GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained load.",
+        "transformers' AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-hf", metavar="DIR", help="local HF GPT-2 directory to import")
+    src.add_argument("--from-hf", metavar="DIR", help="local HF model directory to import")
     src.add_argument("--to-hf", metavar="SRC", help="model dir, training workdir or HF dir to export")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory (new, empty, or the same kind)")
     p.add_argument(
@@ -41,15 +42,16 @@ def _convert(args) -> int:
         _check_out(args.out, "model_dir")
         config, params, tokenizer = hf.load_hf_dir(args.from_hf, dtype=args.dtype)
         modeldir.save_model_dir(args.out, config, params, tokenizer)
-        stale = os.path.join(args.out, "tokenizer.json")
-        if tokenizer is None and os.path.isfile(stale):  # from an earlier conversion: it would be loaded as ours
-            os.remove(stale)
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+            stale = os.path.join(args.out, name)
+            if tokenizer is None and os.path.isfile(stale):  # from an earlier conversion: it would be loaded as ours
+                os.remove(stale)
         kind = "aigc_jax model dir"
     else:
         _check_out(args.out, "hf")
         config, params, tokenizer = modeldir.load_any(args.to_hf)
         hf.save_hf_dir(args.out, config, params, tokenizer, dtype=args.dtype or "float32")
-        kind = "HF GPT-2 dir"
+        kind = "HF dir"
     print(json.dumps({
         "wrote": kind,
         "out": args.out,

@@ -1,13 +1,18 @@
-"""HF transformers GPT-2 <-> aigc_jax: config, weights and tokenizer, in both directions.
+"""HF transformers checkpoints <-> aigc_jax: config, weights and tokenizer, in both directions.
 
-Our parameter tree mirrors HF's module names (`h_3/attn/c_attn/kernel` is `transformer.h.3.attn.c_attn.weight`)
-and HF's Conv1D already stores weights as [in, out], the Flax kernel layout, so the mapping is a renaming plus:
-the token embedding is padded to `config.padded_vocab_size` rows (zeros on import, dropped on export) and the
-LM head is tied to it (HF's `lm_head.weight` is checked equal to the embedding, never stored separately).
+GPT-2 (this file's name map) and the Llama family (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM: the
+name map in hf_llama.py), told apart by config.json's model_type; reading and writing directories is shared.
+
+GPT-2: our parameter tree mirrors HF's module names (`h_3/attn/c_attn/kernel` is
+`transformer.h.3.attn.c_attn.weight`) and HF's Conv1D already stores weights as [in, out], the Flax kernel layout,
+so the mapping is a renaming plus: the token embedding is padded to `config.padded_vocab_size` rows (zeros on
+import, dropped on export) and the LM head is tied to it (HF's `lm_head.weight` is checked equal to the
+embedding, never stored separately).
 
 An HF directory is read from config.json plus model.safetensors, a sharded model.safetensors.index.json, or
-pytorch_model.bin. `.bin` files are pickles: they are opened only by `torch.load(weights_only=True)`, which
-refuses arbitrary objects, and never by anything else.
+pytorch_model.bin (fp32, fp16 or bf16 weights). `.bin` files are pickles: they are opened only by
+`torch.load(weights_only=True)`, which refuses arbitrary objects, and never by anything else. Exports larger
+than MAX_SHARD_BYTES are written as shards with an index, as `save_pretrained` writes them.
 """
 
 from __future__ import annotations
@@ -20,17 +25,21 @@ import warnings
 import jax
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 from aigc_jax import configs, fileio, model
 from aigc_jax import tokenizers as tok
 from aigc_jax.configs import ModelConfig
 from aigc_jax.errors import UserError
+from aigc_jax.interop import hf_llama
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
+MAX_SHARD_BYTES = 5 * 10**9  # larger exports are split into shards of at most this many bytes ("5GB")
+MODEL_TYPES = ("gpt2", *configs.HF_LLAMA_TYPES)
 
 # GPT2Config's defaults: HF writes config.json without the keys a model leaves at their default.
 _HF_DEFAULTS = {
@@ -60,7 +69,15 @@ _IGNORED_KEY = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")
 # Config
 
 
-def config_from_hf(d: dict) -> ModelConfig:
+def config_from_hf(d: dict):
+    """A config.json dict -> ModelConfig (gpt2) or LlamaConfig (llama, qwen2, mistral); one-line UserError for
+    anything we don't implement."""
+    if d.get("model_type") in configs.HF_LLAMA_TYPES:
+        return hf_llama.config_from_hf(d)
+    return _gpt2_config_from_hf(d)
+
+
+def _gpt2_config_from_hf(d: dict) -> ModelConfig:
     """A GPT2Config dict (config.json) -> ModelConfig; one-line UserError for anything we don't implement.
 
     ModelConfig has a single `dropout` for the embedding and residual paths; when HF's `embd_pdrop` and
@@ -68,9 +85,7 @@ def config_from_hf(d: dict) -> ModelConfig:
     Dropout only matters for fine-tuning: inference is exact either way.
     """
     if d.get("model_type") != "gpt2":
-        raise UserError(
-            f"model_type is {d.get('model_type')!r}; only GPT-2 checkpoints (model_type 'gpt2') are supported"
-        )
+        raise UserError(f"model_type is {d.get('model_type')!r}; supported model types: {', '.join(MODEL_TYPES)}")
     c = {**_HF_DEFAULTS, **d}
     unsupported = [
         (c["scale_attn_by_inverse_layer_idx"], "scale_attn_by_inverse_layer_idx=true"),
@@ -151,8 +166,10 @@ def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ..
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def params_from_hf(state: dict, config: ModelConfig):
-    """HF GPT-2 weights (names with or without "transformer.") -> params in the layout `config` asks for."""
+def params_from_hf(state: dict, config):
+    """HF weights -> params in the layout `config` asks for (GPT-2 names with or without "transformer.")."""
+    if config.family == "llama":
+        return _llama_params_from_hf(state, config)
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     lm_head = state.pop("lm_head.weight", None)
     param_dtype = _np_dtype(config.param_dtype)
@@ -172,13 +189,32 @@ def params_from_hf(state: dict, config: ModelConfig):
                 raise UserError("lm_head.weight differs from transformer.wte.weight: untied LM heads are not supported")
             w = np.concatenate([w, np.zeros((shape[0] - w.shape[0], w.shape[1]), w.dtype)])
         flat[path] = w.astype(param_dtype)
-    unexpected = sorted(k for k in state if not _IGNORED_KEY.search(k))
+    _refuse_unexpected(state, lambda k: bool(_IGNORED_KEY.search(k)), "GPT2LMHeadModel")
+    return model.match_layout(traverse_util.unflatten_dict(flat), config)
+
+
+def _llama_params_from_hf(state: dict, config):
+    state = hf_llama.untie(state, config)
+    flat = {}
+    for path, shape in _expected_shapes(config).items():
+        name = hf_llama.hf_name(path)
+        if name not in state:
+            raise UserError(f"weight {name} is missing from the checkpoint (config.json says n_layer={config.n_layer}"
+                            f", tie_word_embeddings={str(config.tie_word_embeddings).lower()})")
+        w = hf_llama.from_hf(path, _to_numpy(state.pop(name)), shape, config.vocab_size)
+        # C order: a transposed view would reach safetensors (model dirs) as its raw, transposed buffer.
+        flat[path] = np.ascontiguousarray(w.astype(_np_dtype(config.param_dtype)))
+    _refuse_unexpected(state, hf_llama.ignored, hf_llama.ARCHITECTURES[config.hf_model_type])
+    return model.match_layout(traverse_util.unflatten_dict(flat), config)
+
+
+def _refuse_unexpected(state: dict, ignored, architecture: str) -> None:
+    unexpected = sorted(k for k in state if not ignored(k))
     if unexpected:
         raise UserError(
             f"unexpected weight {unexpected[0]} in the checkpoint ({len(unexpected)} in all): "
-            "not a GPT2LMHeadModel matching config.json"
+            f"not a {architecture} matching config.json"
         )
-    return model.match_layout(traverse_util.unflatten_dict(flat), config)
 
 
 def _check_exportable(config: ModelConfig) -> None:
@@ -186,15 +222,18 @@ def _check_exportable(config: ModelConfig) -> None:
         raise UserError("this model has no biases (model.bias=false), which HF GPT-2 cannot represent")
 
 
-def to_hf_state_dict(params, config: ModelConfig, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Params (either layout) -> HF GPT2LMHeadModel state dict: "transformer." names, vocab padding dropped.
+def to_hf_state_dict(params, config, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Params (either layout) -> HF state dict (GPT-2: "transformer." names), vocab padding dropped.
 
-    `lm_head.weight` is left out: it is tied to `transformer.wte.weight`, and HF's safetensors files store tied
-    weights once (transformers re-ties them on load).
+    A tied `lm_head.weight` is left out: HF's safetensors files store tied weights once (transformers re-ties
+    them on load).
     """
-    _check_exportable(config)
     out_dtype = _np_dtype(dtype)
     flat = traverse_util.flatten_dict(model.match_layout(params, config.replace(scan_layers=False)))
+    if config.family == "llama":
+        return {hf_llama.hf_name(path): np.ascontiguousarray(hf_llama.to_hf(path, np.asarray(w), config.vocab_size)
+                                                              .astype(out_dtype)) for path, w in flat.items()}
+    _check_exportable(config)
     state = {}
     for path, w in flat.items():
         w = np.asarray(w)
@@ -226,7 +265,7 @@ def _to_numpy(w) -> np.ndarray:
 
 
 def load_hf_dir(path: str | os.PathLike, dtype: str | None = None):
-    """(ModelConfig, params, Tokenizer or None) from a local HF GPT-2 directory.
+    """(config, params, Tokenizer or None) from a local HF GPT-2, Llama, Qwen2 or Mistral directory.
 
     `dtype` sets the compute dtype of the returned config (params stay in `param_dtype`, fp32).
     """
@@ -251,31 +290,76 @@ def load_hf_dir(path: str | os.PathLike, dtype: str | None = None):
     return config, params, tok.load(path) if has_tokenizer else None
 
 
-def save_hf_dir(path: str | os.PathLike, config: ModelConfig, params, tokenizer: tok.Tokenizer | None = None,
-                dtype: str = "float32") -> None:
-    """Writes a directory `GPT2LMHeadModel.from_pretrained` (and, with a tokenizer, `AutoTokenizer`) loads.
+def save_hf_dir(path: str | os.PathLike, config, params, tokenizer: tok.Tokenizer | None = None,
+                dtype: str = "float32", max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Writes a directory that transformers' `from_pretrained` (GPT2LMHeadModel, LlamaForCausalLM, … as
+    config.json names) and, with a tokenizer, `AutoTokenizer` load.
 
-    `dtype` is the storage dtype of the weights (float32, bfloat16 or float16).
+    `dtype` is the storage dtype of the weights (float32, bfloat16 or float16); weights larger than
+    `max_shard_bytes` are split into shards with a model.safetensors.index.json.
     """
-    from safetensors.numpy import save_file
-
     if dtype not in configs.DTYPES:
         raise UserError(f"dtype must be one of {', '.join(configs.DTYPES)}; got {dtype!r}")
+    if config.family == "llama":
+        bos, eos = (tokenizer.bos_id, tokenizer.eos_ids) if tokenizer is not None else (None, ())
+        hf_config = hf_llama.config_to_hf(config, bos, eos, dtype)  # before any file is written: it may refuse
+    else:
+        hf_config = config_to_hf(config, tokenizer.eot_id if tokenizer is not None else None, dtype)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    # "format": "pt" is what transformers checks to accept a safetensors file as a PyTorch checkpoint.
-    state = to_hf_state_dict(params, config, dtype)
-    fileio.atomic_save(os.path.join(path, SAFETENSORS_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    written = {SAFETENSORS_FILE, CONFIG_FILE}
-    eot_id = tokenizer.eot_id if tokenizer is not None else None
-    _write_json(os.path.join(path, CONFIG_FILE), config_to_hf(config, eot_id, dtype))
+    written = _save_weights(path, to_hf_state_dict(params, config, dtype), max_shard_bytes) | {CONFIG_FILE}
+    _write_json(os.path.join(path, CONFIG_FILE), hf_config)
     if tokenizer is not None:
-        written |= _save_hf_tokenizer(path, tokenizer, config.n_positions)
+        save_tokenizer = _save_llama_tokenizer if config.family == "llama" else _save_hf_tokenizer
+        written |= save_tokenizer(path, tokenizer, config.n_positions)
     # Files from an earlier export into this directory would shadow or contradict the new ones.
-    for stale in (TORCH_FILE, SAFETENSORS_INDEX, "tokenizer.json", "vocab.json", "merges.txt", "encoder.json",
-                  "vocab.bpe", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if stale not in written and os.path.isfile(os.path.join(path, stale)):
+    for stale in os.listdir(path):
+        if stale not in written and (stale in _EXPORT_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale)):
             os.remove(os.path.join(path, stale))
+
+
+_EXPORT_FILES = (TORCH_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX, "tokenizer.json", "vocab.json", "merges.txt",
+                 "encoder.json", "vocab.bpe", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json", "chat_template.jinja")
+
+
+def _save_weights(path: str, state: dict[str, np.ndarray], max_shard_bytes: int) -> set[str]:
+    """model.safetensors, or shards model-0000i-of-0000N.safetensors + index when larger than max_shard_bytes
+    (each written atomically: a reader never sees half a file)."""
+    shards, size = [{}], 0
+    for name, w in state.items():
+        if shards[-1] and size + w.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = w
+        size += w.nbytes
+    # "format": "pt" is what transformers checks to accept a safetensors file as a PyTorch checkpoint.
+    if len(shards) == 1:
+        fileio.atomic_save(os.path.join(path, SAFETENSORS_FILE), lambda t: save_file(state, t, metadata={"format": "pt"}))
+        return {SAFETENSORS_FILE}
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        fileio.atomic_save(os.path.join(path, name), lambda t, shard=shard: save_file(shard, t, metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(w.nbytes for w in state.values())
+    _write_json(os.path.join(path, SAFETENSORS_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return {*names, SAFETENSORS_INDEX}
+
+
+def _save_llama_tokenizer(path: str, tokenizer: tok.Tokenizer, max_length: int) -> set[str]:
+    """tokenizer.json verbatim (PreTrainedTokenizerFast takes its whole pipeline from it), the special tokens,
+    generation_config.json's BOS/EOS ids and the chat template."""
+    tokenizer.save(path)
+    _write_json(os.path.join(path, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens, "model_max_length": max_length,
+    })
+    eos = list(tokenizer.eos_ids)
+    _write_json(os.path.join(path, "generation_config.json"), {
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
+    })
+    written = {tok.FILE, "tokenizer_config.json", "generation_config.json"}
+    return written | ({"chat_template.jinja"} if tokenizer.chat_template is not None else set())
 
 
 def _save_hf_tokenizer(path: str, tokenizer: tok.Tokenizer, max_length: int) -> set[str]:
@@ -283,6 +367,8 @@ def _save_hf_tokenizer(path: str, tokenizer: tok.Tokenizer, max_length: int) -> 
     from tokenizers import models, pre_tokenizers
 
     written = {os.path.basename(tokenizer.save(path)), "tokenizer_config.json"}
+    if tokenizer.chat_template is not None:
+        written.add("chat_template.jinja")
     pre = tokenizer.hf.pre_tokenizer
     is_gpt2_bpe = (isinstance(tokenizer.hf.model, models.BPE) and isinstance(pre, pre_tokenizers.ByteLevel)
                    and pre.use_regex and not pre.add_prefix_space)

@@ -97,6 +97,16 @@ def write_layer(cache_kv: tuple, layer: int | None, k_BxHxDxT: jax.Array, v_BxHx
     return (k_cache, v_cache), (k_cache[layer], v_cache[layer])
 
 
+def update_layer(layer_kv, k_BxHxDxT: jax.Array, v_BxHxTxD: jax.Array, index: jax.Array, dtype):
+    """An attention layer's use of its cache: `layer_kv` is None (no cache) or (k, v, layer) as run_blocks hands it
+    out. Returns (the updated cache or None, the keys and values to attend to, in `dtype`)."""
+    if layer_kv is None:
+        return None, (k_BxHxDxT, v_BxHxTxD)
+    *kv, layer = layer_kv
+    new_kv, (k_BxHxDxS, v_BxHxSxD) = write_layer(tuple(kv), layer, k_BxHxDxT, v_BxHxTxD, index)
+    return new_kv, (k_BxHxDxS.astype(dtype), v_BxHxSxD.astype(dtype))
+
+
 def attention_mask(positions_BxT: jax.Array, mask_BxT: jax.Array | None, cache: KVCache | None,
                    window: int | None = None) -> jax.Array | None:
     """[B, T, S] bool "query t may see key s", or None for the plain causal case (which cuDNN serves).

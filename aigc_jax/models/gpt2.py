@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from aigc_jax.attention import attention, resolve_backend
 from aigc_jax.configs import ModelConfig, compute_dtype
 from aigc_jax.models import layers
-from aigc_jax.models.cache import KVCache, attention_mask, write_layer
+from aigc_jax.models.cache import KVCache, attention_mask, update_layer
 from aigc_jax.sharding import constrain
 
 LAYER_PREFIX = "h"  # layers are h_0, h_1, … (unrolled) or one stacked "h" (scan_layers)
@@ -114,12 +114,8 @@ class CausalSelfAttention(nn.Module):
         H, Dh = cfg.n_head, cfg.head_dim
         qkv_BxTx3xHxD = constrain(_dense(cfg, (3, H, Dh), "c_attn")(h_BxTxD), ("batch", None, "qkv", "heads", None))
         q_BxTxHxD, k_BxTxHxD, v_BxTxHxD = (qkv_BxTx3xHxD[:, :, i] for i in range(3))
-        k_BxHxDxS, v_BxHxSxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
-        new_kv = None
-        if layer_kv is not None:
-            *kv, layer = layer_kv
-            new_kv, (k_BxHxDxS, v_BxHxSxD) = write_layer(tuple(kv), layer, k_BxHxDxS, v_BxHxSxD, cache_index)
-            k_BxHxDxS, v_BxHxSxD = k_BxHxDxS.astype(q_BxTxHxD.dtype), v_BxHxSxD.astype(q_BxTxHxD.dtype)
+        k_BxHxDxT, v_BxHxTxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
+        new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, cache_index, q_BxTxHxD.dtype)
         rate = cfg.attn_dropout if self.train else 0.0
         o_BxTxHxD = attention(
             q_BxTxHxD,

@@ -26,12 +26,19 @@ def default_positions(tokens_BxT: jax.Array, positions_BxT: jax.Array | None, ca
     return start_Bx1 + jnp.arange(T, dtype=jnp.int32)[None]
 
 
-def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, mask_BxTxS, start):
+def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, mask_BxTxS, start, layer_args=None):
     """Applies config.n_layer blocks: `block_cls(*block_args)(x, layer_kv, mask, start) -> (x, new layer kv)`.
 
     Unrolled (params `{prefix}_0`, `{prefix}_1`, …; each layer writes into the stacked cache in place) or, with
     `scan_layers`, one nn.scan (params under `prefix` with a leading layer axis; compile time flat in depth).
+    `layer_args(i)`, if given, appends per-layer static arguments to `block_args` (e.g. a layer's attention
+    window); a scan needs them equal for every layer and uses layer 0's.
     Returns (x, the stacked (k, v) cache or None)."""
+    if layer_args is not None:
+        per_layer = [block_args + tuple(layer_args(i)) for i in range(config.n_layer)]
+        block_args = per_layer[0]
+    else:
+        per_layer = [block_args] * config.n_layer
     if config.remat != "none":
         block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
     if config.scan_layers:
@@ -47,7 +54,7 @@ def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, m
         return x_BxTxD, kv
     for i in range(config.n_layer):
         layer_kv = None if kv is None else (*kv, i)
-        x_BxTxD, new_kv = block_cls(*block_args, name=f"{prefix}_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start)
+        x_BxTxD, new_kv = block_cls(*per_layer[i], name=f"{prefix}_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start)
         kv = kv if new_kv is None else new_kv
     return x_BxTxD, kv
 

@@ -29,8 +29,9 @@ def register(sub) -> None:
                        help=f"train.{name} (see aigc_jax/train/config.py)")
     p.add_argument("--tokenizer", default="byte", help="byte (default) | char | bpe:VOCAB_SIZE | DIR with tokenizer files")
     p.add_argument("--init-from", metavar="SRC",
-                   help="fine-tune from a model dir, training workdir or HF dir: its architecture and runtime settings "
-                        "(dropout, dtype, …), changed only by what you --set; without it --model defaults to baby")
+                   help="fine-tune from a model dir, training workdir or HF GPT-2/Llama/Qwen2/Mistral dir: its "
+                        "architecture and runtime settings (dropout, dtype, …), changed only by what you --set; "
+                        "without it --model defaults to baby")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     _add_distributed_args(p)
     p.set_defaults(func=_train)
