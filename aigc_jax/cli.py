@@ -18,6 +18,7 @@ COMMANDS = [
     "aigc_jax.train.cli",  # train, eval, demo
     "aigc_jax.decode.cli",  # generate
     "aigc_jax.interop.cli",  # convert
+    "aigc_jax.serve.cli",  # serve
 ]
 
 

@@ -43,6 +43,14 @@ class EngineClosed(Exception):
     """The engine is draining or stopped and takes no new work."""
 
 
+class RequestError(UserError):
+    """A prompt or token budget the model cannot serve; `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How one sequence picks tokens. temperature 0 = greedy; `row` is its choice index (n > 1): with the same seed,
@@ -83,10 +91,10 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], max_tokens: int, emit: Callable, sampling: Sampling = Sampling(),
-                 logprobs: bool = False):
+                 logprobs: bool = False, ignore_eos: bool = False):
         self.id = next(Sequence._ids)
         self.prompt, self.max_tokens, self.emit = list(prompt), int(max_tokens), emit
-        self.sampling, self.logprobs = sampling, logprobs
+        self.sampling, self.logprobs, self.ignore_eos = sampling, logprobs, ignore_eos
         self.generated = 0
         self.cancelled = False  # set by cancel() from any thread; read by the engine at chunk boundaries
 
@@ -143,32 +151,37 @@ class Engine:
             self._thread.join()
 
     @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the engine thread (a bug), if any."""
+        return self._error
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     # -- the calls other threads make -------------------------------------------------------------------------------
 
     def check(self, prompt: list[int], max_tokens: int) -> None:
-        """Raises UserError unless `prompt` can be continued by `max_tokens` tokens (HF's rule: the last new token
-        is never fed back, so prompt + max_tokens - 1 positions must fit the context)."""
+        """Raises RequestError unless `prompt` can be continued by `max_tokens` tokens (HF's rule: the last new
+        token is never fed back, so prompt + max_tokens - 1 positions must fit the context)."""
         n, ctx, vocab = len(prompt), self.config.n_positions, self.config.vocab_size
         if n == 0:
-            raise UserError("the prompt is empty: give at least one token")
+            raise RequestError("the prompt is empty: give at least one token", "prompt")
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
-            raise UserError(f"token id {bad} is outside the model's vocabulary [0, {vocab})")
+            raise RequestError(f"token id {bad} is outside the model's vocabulary [0, {vocab})", "prompt")
         if n > ctx:
-            raise UserError(f"the prompt has {n} tokens, more than the model's context of {ctx} tokens")
+            raise RequestError(f"the prompt has {n} tokens, more than the model's context of {ctx} tokens", "prompt")
         if max_tokens < 0 or n + max_tokens - 1 > ctx:
-            raise UserError(f"the prompt has {n} tokens and max_tokens is {max_tokens}: together more than the "
-                            f"model's context of {ctx} tokens (use max_tokens <= {ctx - n + 1})")
+            raise RequestError(f"the prompt has {n} tokens and max_tokens is {max_tokens}: together more than the "
+                               f"model's context of {ctx} tokens (use max_tokens <= {ctx - n + 1})", "max_tokens")
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queues sequences (all or none). Raises UserError (bad prompt or budget), QueueFull or EngineClosed."""
         for s in seqs:
             self.check(s.prompt, s.max_tokens)
             if s.max_tokens < 1:
-                raise UserError("max_tokens must be >= 1 to generate (0 only scores the prompt)")
+                raise RequestError("max_tokens must be >= 1 to generate (0 only scores the prompt)", "max_tokens")
         self._enqueue("submit", seqs, len(seqs))
 
     def score(self, prompt: list[int], emit: Callable) -> None:
@@ -332,7 +345,7 @@ class Engine:
 
     def _knobs(self, active: np.ndarray, stop_early: bool) -> RowKnobs:
         B, V = self.max_batch, self.config.vocab_size
-        budget, step, greedy = np.zeros(B, np.int32), np.zeros(B, np.int32), np.ones(B, bool)
+        budget, step, greedy, use_eos = np.zeros(B, np.int32), np.zeros(B, np.int32), np.ones(B, bool), np.ones(B, bool)
         temperature, top_k = np.ones(B, np.float32), np.full(B, V, np.int32)
         top_p_threshold, seed, row = np.zeros(B, np.float32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
         for i, seq in enumerate(self._slot_seq):
@@ -346,9 +359,10 @@ class Engine:
             # 1 - top_p in float64, as HF's Python float (sampling.make_knobs does the same).
             top_p_threshold[i] = np.float32(1.0 - float(s.top_p))
             seed[i], row[i] = s.seed % 2**32, s.row
+            use_eos[i] = not seq.ignore_eos
         return RowKnobs(active_B=active, budget_B=budget, step_B=step, greedy_B=greedy, temperature_B=temperature,
                         top_k_B=top_k, top_p_threshold_B=top_p_threshold, seed_B=seed, row_B=row,
-                        eos_ids=self.eos_ids, n_steps=np.int32(self.chunk), stop_early=np.bool_(bool(self._waiting)))
+                        eos_ids=self.eos_ids, use_eos_B=use_eos, n_steps=np.int32(self.chunk), stop_early=np.bool_(bool(self._waiting)))
 
     def _decode(self) -> None:
         seqs = self._slot_seq

@@ -52,6 +52,7 @@ class RowKnobs:
     seed_B: jax.Array  # uint32
     row_B: jax.Array  # int32: the choice index (the sampling key's row, as offline generate's batch row)
     eos_ids: jax.Array  # [E] int32, shared by every row
+    use_eos_B: jax.Array  # bool: the row ends at an EOS id (False: ignore_eos)
     n_steps: jax.Array  # [] int32 <= K: steps to run
     stop_early: jax.Array  # [] bool: return after the first step in which some row finished (a request waits)
 
@@ -120,7 +121,7 @@ def decode_chunk(params, slots: Slots, knobs: RowKnobs, *, config, k: int, sampl
         o = o.replace(
             tokens_BxK=o.tokens_BxK.at[:, t].set(token_B),
             n_B=o.n_B + live_B,
-            eos_B=o.eos_B | (live_B & jnp.isin(token_B, knobs.eos_ids)),
+            eos_B=o.eos_B | (live_B & knobs.use_eos_B & jnp.isin(token_B, knobs.eos_ids)),
         )
         if logprobs:
             logp_BxV = jax.nn.log_softmax(logits_BxV)
