@@ -144,9 +144,9 @@ class Engine:
     def close(self, grace_s: float = 0.0) -> None:
         """Stops taking work, lets running and waiting sequences finish for up to `grace_s` seconds, then ends the
         rest with Finished(SHUTDOWN) and stops the thread."""
-        with self._lock:
-            self._closing = True
         self._inbox.put(("close", time.monotonic() + grace_s))
+        with self._lock:  # after the put: whoever sees `closing` knows the engine thread will read it
+            self._closing = True
         if self._thread is not None:
             self._thread.join()
 

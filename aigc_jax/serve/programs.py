@@ -165,32 +165,43 @@ def score(params, tokens_bxP, *, config):
     return next_bxP1, top_ids.astype(jnp.int32), top_lp
 
 
+# Jitted programs shared by every engine: params and slots are arguments, so another engine for the same config
+# (or the same model loaded again) reuses the executables. Each entry counts its traces (= compilations).
+_JITTED: dict[tuple, tuple] = {}
+
+
+def _jitted(fn, donate: tuple, **static):
+    key = (fn.__name__, tuple(sorted(static.items())))
+    if key not in _JITTED:
+        count = [0]
+
+        def traced(*args):
+            count[0] += 1
+            return fn(*args, **static)
+
+        _JITTED[key] = (jax.jit(traced, donate_argnums=donate), count)
+    return _JITTED[key]
+
+
 class Programs:
     """The jitted programs for one model and slot count, and the shape buckets they are compiled for.
 
     Buckets: prompt prefixes to powers of two (>= 16, <= the context), prefill batches to powers of two up to
-    `max_prefill`; the decode chunk has one shape per (sampling, logprobs) pair. `compiles` counts traces (= XLA
-    compilations) of all of them.
+    `max_prefill`; the decode chunk has one shape per (sampling, logprobs) pair. `compiles` counts the
+    compilations of these programs (by this engine or another one for the same config).
     """
 
     def __init__(self, config, params, n_slots: int, chunk: int, max_prefill: int):
         self.config, self.params = config, params
         self.n_slots, self.chunk, self.max_prefill = n_slots, chunk, max_prefill
-        self.compiles = 0
-        self._decode = {
-            (s, lp): jax.jit(self._counted(decode_chunk, config=config, k=chunk, sampling=s, logprobs=lp),
-                             donate_argnums=(1,))
-            for s in (False, True) for lp in (False, True)
-        }
-        self._prefill = jax.jit(self._counted(prefill, config=config), donate_argnums=(1,))
-        self._score = jax.jit(self._counted(score, config=config))
+        self._decode = {(s, lp): _jitted(decode_chunk, (1,), config=config, k=chunk, sampling=s, logprobs=lp)
+                        for s in (False, True) for lp in (False, True)}
+        self._prefill = _jitted(prefill, (1,), config=config)
+        self._score = _jitted(score, (), config=config)
 
-    def _counted(self, fn, **static):
-        def traced(*args):
-            self.compiles += 1
-            return fn(*args, **static)
-
-        return traced
+    @property
+    def compiles(self) -> int:
+        return sum(count[0] for _, count in (*self._decode.values(), self._prefill, self._score))
 
     def empty_slots(self) -> Slots:
         cache = model.KVCache.init(self.config, self.n_slots, self.config.n_positions, per_row=True)
@@ -216,10 +227,10 @@ class Programs:
     # -- calls -----------------------------------------------------------------------------------------------
 
     def decode(self, slots: Slots, knobs: RowKnobs, sampling: bool, logprobs: bool):
-        return self._decode[(sampling, logprobs)](self.params, slots, knobs)
+        return self._decode[(sampling, logprobs)][0](self.params, slots, knobs)
 
     def prefill(self, slots: Slots, tokens_bxP, lengths_b, last_b, rows_b) -> Slots:
-        return self._prefill(self.params, slots, tokens_bxP, lengths_b, last_b, rows_b)
+        return self._prefill[0](self.params, slots, tokens_bxP, lengths_b, last_b, rows_b)
 
     def score(self, tokens_bxP):
-        return self._score(self.params, tokens_bxP)
+        return self._score[0](self.params, tokens_bxP)
