@@ -15,6 +15,8 @@ its worker did not reach, are recorded as skipped, saying so):
            scan_layers, remat=dots, no donation, shard_map; decode with fp32 weights.
   flags    XLA GPU flags, each in its own process (XLA_FLAGS is read once at start): train 124M + decode batch 1.
   data     the host input pipeline on synthetic tokens.
+  serve    (optional, `--sections serve`) GPT-2 124M behind `aigc-jax serve` vs `transformers serve
+           --continuous-batching`: output tokens/s, TTFT and inter-token latency at concurrency 1, 8, 32.
 
 Output under --out (default $OUT): results.jsonl (raw), log.txt (worker stderr), report.md, train.png,
 decode.png, levers.png. The last thing printed is the short table (targets, training, decoding).
@@ -22,6 +24,7 @@ decode.png, levers.png. The last thing printed is the short table (targets, trai
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -29,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.suite import Group, case, data_group, flag_groups, main
+from benchmarks.suite import Group, case, data_group, flag_groups, main, serve_group
 
 XLA_FLAG_VARIANTS = {
     "xla: latency-hiding scheduler": "--xla_gpu_enable_latency_hiding_scheduler=true",
@@ -90,6 +93,9 @@ def build(quick: bool = False) -> list[Group]:
     ]
     groups += flag_groups(XLA_FLAG_VARIANTS, lambda label: [lever(label), dec("ours", 1, label)], 60)
     groups.append(data_group(30, "--synthetic", "100000000", "--seconds", "1", "--shapes", "16x1024,64x1024,256x1024"))
+    # Serving GPT-2 124M, ours vs `transformers serve --continuous-batching` (optional: `--sections serve`).
+    serve_args = ("--quick",) if quick else ("--preset", "gpt2", "--concurrency", "1,8,32", "--new-tokens", "128")
+    groups.append(dataclasses.replace(serve_group(240, *serve_args), optional=True))
     return groups
 
 
