@@ -118,6 +118,12 @@ def test_logprobs_of_generated_tokens(client, lm):
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy = the best
     assert lp.text_offset == list(np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="tiny-gpt2", prompt=PROMPTS[1], max_tokens=8, temperature=0, logprobs=3, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert len(streamed) > 1  # they come with the chunks, not all at the end
+    assert [x for s in streamed for x in s.token_logprobs] == lp.token_logprobs
+    assert [x for s in streamed for x in s.text_offset] == lp.text_offset
 
 
 def test_echo_scores_the_prompt_as_the_project_loss(client, lm):

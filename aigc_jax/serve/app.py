@@ -188,7 +188,7 @@ class _Choice:
         self.logprobs: list[float] = []
         self.top: list[list[tuple[int, float]]] = []
         self.finish: str | None = None
-        self.streamed = 0  # tokens whose logprobs were sent (chat streaming)
+        self.streamed = 0  # tokens whose logprobs were streamed
 
     def add(self, event: Tokens, eos: set[int]) -> str:
         """New text for `event`'s tokens (EOS is counted and scored but is not text)."""
@@ -392,6 +392,8 @@ class _Completions(_Request):
         _check_range(max_tokens, "max_tokens", 0, integer=True)
         if req.logprobs is not None:
             _check_range(req.logprobs, "logprobs", 0, TOP_LOGPROBS, integer=True)
+            if req.echo and req.stream:
+                raise ApiError(400, "echo with logprobs is not supported when streaming", param="stream")
         prompts = self._prompts(req.prompt, tokenizer)
         self._build(prompts, max_tokens, _sampling(req), _stops(req), req.n, req.logprobs is not None, "prompt")
         self._score_prompts = list(range(len(prompts))) if req.echo and req.logprobs is not None else []
@@ -408,7 +410,8 @@ class _Completions(_Request):
             raise ApiError(400, "the prompt is empty: give text or token ids", param="prompt")
         return [prompt] if isinstance(prompt[0], int) else [list(p) for p in prompt]
 
-    def _logprobs(self, c: _Choice) -> S.CompletionLogprobs | None:
+    def _logprobs(self, c: _Choice, start: int = 0) -> S.CompletionLogprobs | None:
+        """The choice's logprobs (with echo: the prompt's first), from entry `start` on."""
         if self.req.logprobs is None:
             return None
         k, tt = self.req.logprobs, self.server.token_text
@@ -428,7 +431,9 @@ class _Completions(_Request):
             for s, lp, _ in self._top_pairs(pairs, k):
                 d.setdefault(s, lp)  # distinct ids may share a string; keep the likelier
             top_dicts.append(d)
-        return S.CompletionLogprobs(tokens=strings, token_logprobs=lps, top_logprobs=top_dicts, text_offset=offsets)
+        # start > 0 only when streaming, where echo with logprobs is refused: entries are generated tokens.
+        return S.CompletionLogprobs(tokens=strings[start:], token_logprobs=lps[start:], top_logprobs=top_dicts[start:],
+                                    text_offset=offsets[start:])
 
     def _prefix_text(self, c: _Choice) -> str:
         return self.server.tokenizer.decode(c.prompt) if self.req.echo else ""
@@ -451,10 +456,10 @@ class _Completions(_Request):
         if c is None:
             return
         done = c.finish is not None
-        if piece or done:
-            lp = None
-            if self.req.logprobs is not None and done:  # the choice's logprobs arrive with its last chunk
-                lp = self._logprobs(c)
+        lp = None
+        if self.req.logprobs is not None and len(c.ids) > c.streamed:  # the logprobs of this chunk's tokens
+            lp, c.streamed = self._logprobs(c, c.streamed), len(c.ids)
+        if piece or done or lp is not None:
             yield self._chunk([S.CompletionChoice(index=c.index, text=piece, logprobs=lp,
                                                   finish_reason=c.finish if done else None)])
 

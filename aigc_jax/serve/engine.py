@@ -232,7 +232,9 @@ class Engine:
                 p.score(np.zeros((1, P), np.int32))
         for sampling in (False, True):
             for logprobs in (False, True):
-                self._slots, _ = p.decode(self._slots, self._knobs(np.zeros(B, bool), False), sampling, logprobs)
+                for span in p.spans():
+                    knobs = self._knobs(np.zeros(B, bool), False)
+                    self._slots, _ = p.decode(self._slots, knobs, sampling, logprobs, span)
         jax.block_until_ready(self._slots)
 
     # -- the engine thread ------------------------------------------------------------------------------------------
@@ -369,8 +371,11 @@ class Engine:
         active = np.array([s is not None for s in seqs])
         sampling = any(s is not None and s.sampling.temperature > 0 for s in seqs)
         logprobs = any(s is not None and s.logprobs for s in seqs)
+        # Row i feeds position len(prompt) - 1 + generated; this chunk writes up to `chunk` slots from there.
+        reach = max(len(s.prompt) - 1 + s.generated for s in seqs if s is not None) + self.chunk
+        span = self.programs.span_bucket(reach)
         self._slots, chunk = self.programs.decode(self._slots, self._knobs(active, bool(self._waiting)),
-                                                  sampling, logprobs)
+                                                  sampling, logprobs, span)
         chunk = jax.device_get(chunk)
         self._counts["chunks"] += 1
         self._counts["steps"] += int(chunk.n_B.max(initial=0))
