@@ -95,7 +95,7 @@ def build(quick: bool = False) -> list[Group]:
     groups.append(data_group(30, "--synthetic", "100000000", "--seconds", "1", "--shapes", "16x1024,64x1024,256x1024"))
     # Serving GPT-2 124M, ours vs `transformers serve --continuous-batching` (optional: `--sections serve`).
     serve_args = ("--quick",) if quick else ("--preset", "gpt2", "--concurrency", "1,8,32", "--new-tokens", "128")
-    groups.append(dataclasses.replace(serve_group(240, *serve_args), optional=True))
+    groups.append(dataclasses.replace(serve_group(330, *serve_args), optional=True))
     return groups
 
 

@@ -321,3 +321,20 @@ def test_api_key_queue_limit_and_sigterm_drain(small, lm):
         assert text == expected and events[-1]["choices"][0]["finish_reason"] == "length"
     with pytest.raises(OSError):
         call(url, "GET", "/health", timeout=5)
+
+
+def test_cli_mistakes_are_one_line_errors(serve_model, tmp_path):
+    import socket
+
+    from conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("serve", "--model", serve_model, "--port", "70000"), "--port")
+    assert_one_line_error(run_cli("serve", "--model", serve_model, "--max-batch", "0"), "--max-batch")
+    assert_one_line_error(run_cli("serve", "--model", serve_model, "--chat-template", tmp_path / "none.jinja"),
+                          "chat template")
+    assert_one_line_error(run_cli("serve", "--model", tmp_path / "missing", "--port", "0"), "missing")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert_one_line_error(run_cli("serve", "--model", serve_model, "--port", port), "cannot listen", str(port))
