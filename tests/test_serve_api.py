@@ -91,10 +91,10 @@ def test_stop_strings_end_the_text_before_them(client, lm):
     greedy = lm.generate(PROMPTS[3], max_new_tokens=60, temperature=0)
     stop = greedy[8:10]  # a string the greedy text really contains
     cut = greedy[: greedy.index(stop)]
-    for stream in (False, True):
+    for streaming in (False, True):
         r = client.completions.create(model="tiny-gpt2", prompt=PROMPTS[3], max_tokens=60, temperature=0,
-                                      stop=[stop, "never-there"], stream=stream)
-        chunks = list(r) if stream else [r]
+                                      stop=[stop, "never-there"], stream=streaming)
+        chunks = list(r) if streaming else [r]
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         assert text == cut
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
