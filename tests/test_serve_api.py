@@ -238,15 +238,17 @@ def test_models_and_health(served):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(served):
-    body = {"prompt": "Hello", "max_tokens": 120, "stream": True, "ignore_eos": True}
+    budget = 16 * 124  # every slot, to the end of the context
+    body = {"prompt": "Hello", "max_tokens": 124, "n": 16, "stream": True, "ignore_eos": True, "temperature": 0}
+    before = served.health()["tokens"]
     with stream(served.url, "/v1/completions", body) as (status, lines):
         assert status == 200 and next(lines).startswith("data: ")
-        assert served.health()["busy_slots"] == 1
-    # The connection is closed: the slot is freed and the request forgotten (bounded wait).
+    # The connection is closed: the slots are freed and the request forgotten (bounded wait) ...
     health = served.wait_until(lambda h: h["busy_slots"] == 0 and h["open_requests"] == 0, timeout=30,
-                               what="slot freed after disconnect")
+                               what="slots freed after disconnect")
+    # ... because of the disconnect, not because the sequences ran out of budget.
+    assert 0 < health["tokens"] - before < budget
     assert health["status"] == "ok"
-    assert health["tokens"] - served.ready["tokens"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ a one-slot server
