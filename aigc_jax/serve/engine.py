@@ -233,8 +233,9 @@ class Engine:
         for sampling in (False, True):
             for logprobs in (False, True):
                 for span in p.spans():
-                    knobs = self._knobs(np.zeros(B, bool), False)
-                    self._slots, _ = p.decode(self._slots, knobs, sampling, logprobs, span)
+                    for rows in p.row_counts():
+                        knobs = self._knobs(np.zeros(B, bool), False)
+                        self._slots, _ = p.decode(self._slots, knobs, sampling, logprobs, span, rows)
         jax.block_until_ready(self._slots)
 
     # -- the engine thread ------------------------------------------------------------------------------------------
@@ -374,8 +375,9 @@ class Engine:
         # Row i feeds position len(prompt) - 1 + generated; this chunk writes up to `chunk` slots from there.
         reach = max(len(s.prompt) - 1 + s.generated for s in seqs if s is not None) + self.chunk
         span = self.programs.span_bucket(reach)
+        rows = self.programs.rows_bucket(max(i for i, s in enumerate(seqs) if s is not None) + 1)
         self._slots, chunk = self.programs.decode(self._slots, self._knobs(active, bool(self._waiting)),
-                                                  sampling, logprobs, span)
+                                                  sampling, logprobs, span, rows)
         chunk = jax.device_get(chunk)
         self._counts["chunks"] += 1
         self._counts["steps"] += int(chunk.n_B.max(initial=0))

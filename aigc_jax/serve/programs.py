@@ -20,6 +20,8 @@ placing params and cache on a mesh is a matter of shardings there.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -91,24 +93,30 @@ def pick(logits_BxV, knobs: RowKnobs, step_B, sampling: bool):
 
 
 def decode_chunk(params, slots: Slots, knobs: RowKnobs, *, config, k: int, sampling: bool, logprobs: bool,
-                 span: int):
-    """Up to `knobs.n_steps` (<= k) decode steps for every row, attending to the first `span` slots only (every
-    live row's positions stay below it during the chunk); returns (slots, Chunk).
+                 span: int, rows: int):
+    """Up to `knobs.n_steps` (<= k) decode steps for the first `rows` rows (every busy row is among them),
+    attending to their first `span` slots (every live row's positions stay below it during the chunk); returns
+    (slots, Chunk of `rows` rows).
 
     Attention over all `max_len` slots of every row was most of a step's time (baby model, 32 rows on CPU: 21 ms
-    at 32 slots, 33 at 128, 85 at 256), so the chunk runs on a copy of the first `span` slots, written back once
-    at its end. Rows that are not live write nowhere (their index is outside the span, writes there are dropped)
-    or into slots the next prefill replaces."""
-    full = slots.cache
-    if span < full.max_len:
-        slots = slots.replace(cache=full.replace(k=full.k[..., :span], v=full.v[:, :, :, :span],
-                                                 pos=full.pos[:, :span]))
+    at 32 slots, 33 at 128, 53-85 at 256), and a lone request paid for all 32 rows. So the chunk runs on a copy of
+    that corner of the cache, written back once at its end. Rows that are not live write nowhere (their index is
+    outside the span: writes there are dropped) or into slots the next prefill replaces."""
+    full, B = slots, slots.last_B.shape[0]
+    corner = span < full.cache.max_len or rows < B
+    if corner:
+        c = full.cache
+        slots = Slots(cache=c.replace(k=c.k[:, :rows, :, :, :span], v=c.v[:, :rows, :, :span], pos=c.pos[:rows, :span],
+                                      index=c.index[:rows]), last_B=full.last_B[:rows])
+        knobs = knobs.replace(**{f.name: getattr(knobs, f.name)[:rows] for f in dataclasses.fields(knobs)
+                                 if f.name.endswith("_B")})
     slots, out = _decode_steps(params, slots, knobs, config=config, k=k, sampling=sampling, logprobs=logprobs)
-    if span < full.max_len:
-        c, put = slots.cache, lambda big, part: lax.dynamic_update_slice(big, part, (0,) * big.ndim)
-        # dynamic_update_slice, not .at[:span].set: XLA's CPU scatter loops element by element.
-        slots = slots.replace(cache=full.replace(k=put(full.k, c.k), v=put(full.v, c.v), pos=put(full.pos, c.pos),
-                                                 index=c.index))
+    if corner:
+        # dynamic_update_slice, not .at[:rows, :span].set: XLA's CPU scatter loops element by element.
+        put = lambda big, part: lax.dynamic_update_slice(big, part, (0,) * big.ndim)
+        c, f = slots.cache, full.cache
+        slots = Slots(cache=f.replace(k=put(f.k, c.k), v=put(f.v, c.v), pos=put(f.pos, c.pos),
+                                      index=put(f.index, c.index)), last_B=put(full.last_B, slots.last_B))
     return slots, out
 
 
@@ -208,16 +216,17 @@ class Programs:
     """The jitted programs for one model and slot count, and the shape buckets they are compiled for.
 
     Buckets: prompt prefixes to powers of two (>= 16, <= the context), prefill batches to powers of two up to
-    `max_prefill`; the decode chunk has one program per (sampling, logprobs, attention span). `compiles` counts the
+    `max_prefill`; the decode chunk has one program per (sampling, logprobs, attention span, row count). `compiles` counts the
     compilations of these programs (by this engine or another one for the same config).
     """
 
     def __init__(self, config, params, n_slots: int, chunk: int, max_prefill: int):
         self.config, self.params = config, params
         self.n_slots, self.chunk, self.max_prefill = n_slots, chunk, max_prefill
-        self._decode = {(s, lp, span): _jitted(decode_chunk, (1,), config=config, k=chunk, sampling=s, logprobs=lp,
-                                               span=span)
-                        for s in (False, True) for lp in (False, True) for span in self.spans()}
+        self._decode = {(s, lp, span, rows): _jitted(decode_chunk, (1,), config=config, k=chunk, sampling=s,
+                                                     logprobs=lp, span=span, rows=rows)
+                        for s in (False, True) for lp in (False, True) for span in self.spans()
+                        for rows in self.row_counts()}
         self._prefill = _jitted(prefill, (1,), config=config)
         self._score = _jitted(score, (), config=config)
 
@@ -238,6 +247,13 @@ class Programs:
         while spans[0] // 2 >= max(64, S // 4):
             spans.insert(0, spans[0] // 2)
         return spans
+
+    def row_counts(self) -> list[int]:
+        """Rows a decode program runs: a quarter of the slots (busy rows are packed low) or all of them."""
+        return sorted({max(1, self.n_slots // 4), self.n_slots})
+
+    def rows_bucket(self, n: int) -> int:
+        return next(r for r in self.row_counts() if r >= n)
 
     def span_bucket(self, n: int) -> int:
         """The smallest span holding `n` slots."""
@@ -260,8 +276,8 @@ class Programs:
 
     # -- calls -----------------------------------------------------------------------------------------------
 
-    def decode(self, slots: Slots, knobs: RowKnobs, sampling: bool, logprobs: bool, span: int):
-        return self._decode[(sampling, logprobs, span)][0](self.params, slots, knobs)
+    def decode(self, slots: Slots, knobs: RowKnobs, sampling: bool, logprobs: bool, span: int, rows: int):
+        return self._decode[(sampling, logprobs, span, rows)][0](self.params, slots, knobs)
 
     def prefill(self, slots: Slots, tokens_bxP, lengths_b, last_b, rows_b) -> Slots:
         return self._prefill[0](self.params, slots, tokens_bxP, lengths_b, last_b, rows_b)
