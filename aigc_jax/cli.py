@@ -20,6 +20,7 @@ COMMANDS = [
     "aigc_jax.demo",  # demo
     "aigc_jax.decode.cli",  # generate
     "aigc_jax.interop.cli",  # convert
+    "aigc_jax.serve.cli",  # serve
 ]
 
 

@@ -19,6 +19,8 @@ its worker did not reach, are recorded as skipped, saying so):
   llama    (optional: `--sections llama`) a Llama-3.2-1B-shaped model (random weights, bf16): train B8×T1024 ours
            vs HF eager vs HF torch.compile; decode prompt 16 + 256 new at batch 1 and 64, ours vs HF dynamic /
            static cache.
+  serve    (optional, `--sections serve`) GPT-2 124M behind `aigc-jax serve` vs `transformers serve
+           --continuous-batching`: output tokens/s, TTFT and inter-token latency at concurrency 1, 8, 32.
 
 Output under --out (default $OUT): results.jsonl (raw), log.txt (worker stderr), report.md, train.png,
 decode.png, levers.png. The last thing printed is the short table (targets, training, decoding).
@@ -26,6 +28,7 @@ decode.png, levers.png. The last thing printed is the short table (targets, trai
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -33,7 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.suite import Group, case, data_group, flag_groups, main
+from benchmarks.suite import Group, case, data_group, flag_groups, main, serve_group
 
 XLA_FLAG_VARIANTS = {
     "xla: latency-hiding scheduler": "--xla_gpu_enable_latency_hiding_scheduler=true",
@@ -105,6 +108,9 @@ def build(quick: bool = False) -> list[Group]:
     ]
     groups += flag_groups(XLA_FLAG_VARIANTS, lambda label: [lever(label), dec("ours", 1, label)], 60)
     groups.append(data_group(30, "--synthetic", "100000000", "--seconds", "1", "--shapes", "16x1024,64x1024,256x1024"))
+    # Serving GPT-2 124M, ours vs `transformers serve --continuous-batching` (optional: `--sections serve`).
+    serve_args = ("--quick",) if quick else ("--preset", "gpt2", "--concurrency", "1,8,32", "--new-tokens", "128")
+    groups.append(dataclasses.replace(serve_group(330, *serve_args), optional=True))
     return groups
 
 

@@ -28,6 +28,7 @@ from benchmarks import common
 
 BENCH = str(Path(__file__).resolve().parent / "bench.py")
 DATA = str(Path(__file__).resolve().parent / "data_throughput.py")
+SERVE = str(Path(__file__).resolve().parent / "serve_speed.py")
 
 
 @dataclasses.dataclass
@@ -63,6 +64,11 @@ def flag_groups(variants: dict[str, str], cases, budget_s: float, optional: bool
 def data_group(budget_s: float, *args: str) -> Group:
     """Section "data": benchmarks/data_throughput.py with `args` (it prints its own JSON lines)."""
     return Group("data", "data", budget_s, command=[sys.executable, DATA, *args])
+
+
+def serve_group(budget_s: float, *args: str) -> Group:
+    """Section "serve": benchmarks/serve_speed.py with `args` (ours and HF `transformers serve`, one at a time)."""
+    return Group("serve", "serve", budget_s, command=[sys.executable, SERVE, *args])
 
 
 class Runner:
@@ -196,6 +202,10 @@ def summarize(r: dict) -> str:
     if r.get("bench") == "decode":
         return (f"{head} {r['preset']} B{r['batch']}: {r['ms_per_token']:.3f} ms/token, "
                 f"{r['tokens_per_s']:,.0f} tok/s, {r.get('achieved_gbps') or 0:.0f} GB/s")
+    if r.get("bench") == "serve":
+        ms = lambda k: f"{r[k]['p50']:.1f}/{r[k]['p99']:.1f}" if r.get(k) else "-"
+        return (f"{head} {r['preset']} c={r['concurrency']}: {r['tokens_per_s']:,.0f} tok/s, TTFT p50/p99 "
+                f"{ms('ttft_ms')} ms, ITL p50/p99 {ms('itl_ms')} ms, {r['failed']} failed")
     return f"  {json.dumps(r)[:200]}"
 
 

@@ -60,3 +60,30 @@ def has_gpu() -> bool:
 
 
 requires_gpu = pytest.mark.skipif(not has_gpu(), reason="needs a CUDA GPU")
+
+
+# ------------------------------------------------------------------------------------------------ serving
+
+
+@pytest.fixture(scope="session")
+def serve_model(tmp_path_factory) -> Path:
+    """A tiny GPT-2 in HF's directory format (byte-level tokenizer), shared by the serving tests."""
+    from serve_util import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("serve_model") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def served(serve_model, tmp_path_factory):
+    """`aigc-jax serve` on that model (warmed up, 16 slots, a chat template), for the whole session."""
+    from serve_util import CHAT_TEMPLATE, ServerProcess
+
+    d = tmp_path_factory.mktemp("served")
+    (d / "chat.jinja").write_text(CHAT_TEMPLATE)
+    server = ServerProcess(serve_model, "--chat-template", d / "chat.jinja", "--max-batch", "16",
+                           "--max-prefill", "2", log=d / "server.log")
+    try:
+        server.ready = server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -91,6 +91,13 @@ def write_layer(cache_kv: tuple, layer: int | None, k_BxHxDxT: jax.Array, v_BxHx
         # Straight into the stacked cache: re-stacking per-layer results would copy every layer's cache per token.
         k_cache = lax.dynamic_update_slice(k_cache, k_BxHxDxT[None].astype(k_cache.dtype), (layer, 0, 0, 0, index))
         v_cache = lax.dynamic_update_slice(v_cache, v_BxHxTxD[None].astype(v_cache.dtype), (layer, 0, 0, index, 0))
+    elif k_BxHxDxT.shape[-1] == 1:
+        # One token per row at its own slot (a serving engine's decode step): one scatter into the stacked cache,
+        # which XLA does in place. Writing the layer's slice and setting it back copied the whole cache per layer
+        # (measured: 150 ms instead of 11 ms per step for the baby model with 32 rows of 256 slots on CPU).
+        rows_B = jnp.arange(index.shape[0])
+        k_cache = k_cache.at[layer, rows_B, :, :, index].set(k_BxHxDxT[..., 0].astype(k_cache.dtype))
+        v_cache = v_cache.at[layer, rows_B, :, index, :].set(v_BxHxTxD[:, :, 0].astype(v_cache.dtype))
     else:
         k_cache = k_cache.at[layer].set(write_slots(k_cache[layer], k_BxHxDxT, index, 3))
         v_cache = v_cache.at[layer].set(write_slots(v_cache[layer], v_BxHxTxD, index, 2))

@@ -1,0 +1,144 @@
+"""`aigc-jax serve`: the OpenAI-compatible server (uvicorn + app.py over engine.py)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import time
+
+from aigc_jax.errors import UserError
+
+API_KEY_ENV = "AIGC_JAX_API_KEY"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (continuous batching)",
+        description="Serves /v1/completions, /v1/chat/completions, /v1/models and /health. Requests join the "
+        "running decode batch as slots free up. There is no authentication unless --api-key is given: keep the "
+        "default loopback --host, or put the server behind one that authenticates.",
+    )
+    p.add_argument("--model", required=True, metavar="SRC",
+                   help="aigc_jax model dir, training workdir, or HF GPT-2 dir (needs a tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots: sequences generated at once")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot; beyond it requests get 429 with Retry-After")
+    p.add_argument("--chunk", type=int, default=4,
+                   help="decode steps per device call (tokens are streamed, and slots refilled, between calls)")
+    p.add_argument("--max-prefill", type=int, default=4, help="prompts prefilled per device call")
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template (default: the model directory's own, if it has one)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: SRC's basename)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds SIGTERM/SIGINT waits for running requests before ending them")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted (413 beyond)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="compile programs on first use instead of before listening")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a runtime model key: dtype, attention (repeatable)")
+    p.set_defaults(func=run)
+
+
+def _check_args(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    for flag in ("max_batch", "max_queue", "chunk", "max_prefill"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args.grace >= 0:
+        raise UserError(f"--grace must be >= 0 seconds, got {args.grace}")
+    if not args.max_body_mb > 0:
+        raise UserError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the (slow) model load so a taken port is a one-line error at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    from aigc_jax import api, chat, configs
+
+    overrides = configs.parse_assignments(args.set)
+    if "scan_layers" in overrides:
+        raise UserError("--set scan_layers does not apply to serving (decoding always runs unrolled layers)")
+    template = chat.read_template_file(args.chat_template) if args.chat_template else None
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    sock = _listen(args.host, args.port)
+    try:
+        return _serve(args, sock, api, chat, overrides, template, api_key)
+    finally:
+        sock.close()
+
+
+def _serve(args, sock, api, chat, overrides, template, api_key) -> int:
+    import uvicorn
+
+    from aigc_jax.serve.app import Server, create_app
+    from aigc_jax.serve.engine import Engine
+
+    lm = api.load(args.model, overrides=overrides)
+    if lm.tokenizer is None:
+        raise UserError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt) to serve text")
+    if template is None and os.path.isdir(args.model):
+        template = chat.load_template(args.model)
+    engine = Engine(lm.config, lm.params, eos_ids=(lm.tokenizer.eot_id,), max_batch=args.max_batch,
+                    max_queue=args.max_queue, chunk=args.chunk, max_prefill=args.max_prefill).start()
+    try:
+        t0 = time.perf_counter()
+        compiled = 0 if args.no_warmup else engine.warmup()
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+        server = Server(engine, lm.tokenizer, name, chat_template=template, api_key=api_key,
+                        max_body_bytes=int(args.max_body_mb * 2**20), aliases=(args.model,))
+        host, port = sock.getsockname()[:2]
+        if not _is_loopback(args.host) and api_key is None:
+            print(f"aigc-jax serve: warning: listening on {args.host} without authentication (no --api-key)",
+                  file=sys.stderr)
+        print(f"aigc-jax serve: {name} on http://{host}:{port}/v1 ({args.max_batch} slots, {compiled} executables "
+              f"compiled in {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        config = uvicorn.Config(create_app(server), log_level=args.log_level, lifespan="off",
+                                timeout_graceful_shutdown=args.grace, access_log=False)
+        # uvicorn drains on SIGTERM/SIGINT (stops listening, waits up to --grace for running requests) and then
+        # re-raises the signal to the handler it found. Let that be a no-op, so a drained server exits 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+    if engine.error is not None:
+        print(f"aigc-jax serve: the engine failed: {engine.error!r}", file=sys.stderr)
+        return 1
+    return 0
