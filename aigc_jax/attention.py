@@ -52,11 +52,13 @@ def attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     window: int | None = None,
+    rows_B: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention. Keys and values come in the KV cache's layouts (head-major, keys transposed), with
     H_kv <= H heads: query head n uses key/value head n // (H / H_kv) (grouped-query attention, HF's repeat_kv).
     `mask_BxTxS` True = may attend; None means plain causal with T == S, within the last `window` positions
-    when one is given (a given mask already holds the window: see models/cache.attention_mask)."""
+    when one is given (a given mask already holds the window: see models/cache.attention_mask). Dropout masks are
+    drawn per row from (dropout_rng, rows_B[b]) (see models/layers.row_dropout)."""
     if backend == "cudnn":
         assert mask_BxTxS is None and dropout_rate == 0.0
         # XLA folds these transposes into the ones that made k and v head-major: no copy. cuDNN takes fewer KV
@@ -64,10 +66,11 @@ def attention(
         k_BxSxHxD, v_BxSxHxD = k_BxHxDxS.transpose(0, 3, 1, 2), v_BxHxSxD.transpose(0, 2, 1, 3)
         return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, is_causal=True, implementation="cudnn",
                                             local_window_size=None if window is None else (window - 1, 0))
-    return xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate, dropout_rng, window)
+    return xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate, dropout_rng, window, rows_B)
 
 
-def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0, dropout_rng=None, window=None):
+def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0, dropout_rng=None, window=None,
+                  rows_B=None):
     B, T, H, D = q_BxTxHxD.shape
     Hkv, S = k_BxHxDxS.shape[1], k_BxHxDxS.shape[3]
     if mask_BxTxS is None:
@@ -89,7 +92,9 @@ def xla_attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, dropout_rate=0.0,
     scores_BxHxTxS = jnp.where(mask_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxHxTxS.shape)
+        rows_B = jnp.arange(B) if rows_B is None else rows_B
+        keep = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(dropout_rng, r), 1.0 - dropout_rate,
+                                                       probs_BxHxTxS.shape[1:]))(rows_B)
         probs_BxHxTxS = jnp.where(keep, probs_BxHxTxS / (1.0 - dropout_rate), 0.0)
     probs_BxHxTxS = probs_BxHxTxS.astype(v_BxHxSxD.dtype)
     if G > 1:

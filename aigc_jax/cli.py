@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import sys
 
 from aigc_jax import compile_cache
 from aigc_jax.errors import UserError
 
 COMMANDS = [
+    "aigc_jax.info",  # info
     "aigc_jax.train.cli",  # train, eval
     "aigc_jax.demo",  # demo
     "aigc_jax.decode.cli",  # generate
@@ -36,7 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not read or write JAX's persistent compilation cache (see aigc_jax/compile_cache.py)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    _register_info(sub)
     for name in COMMANDS:
         if importlib.util.find_spec(name.rpartition(".")[0]) and importlib.util.find_spec(name):
             importlib.import_module(name).register(sub)
@@ -74,43 +73,6 @@ def _quiet_closed_event_loop() -> None:
 
     hook._aigc_quiet = True
     sys.unraisablehook = hook
-
-
-def _register_info(sub) -> None:
-    from aigc_jax.configs import add_model_args
-
-    p = sub.add_parser("info", help="show a model config, its size and FLOPs; optionally run one forward pass")
-    add_model_args(p)
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: n_positions)")
-    p.add_argument("--forward", action="store_true", help="initialise random weights and run one forward pass")
-    p.set_defaults(func=_info)
-
-
-def _info(args) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    from aigc_jax import configs, model
-
-    cfg = configs.model_config(args.model, args.config, configs.parse_assignments(args.set))
-    seq_len = cfg.n_positions if args.seq_len is None else args.seq_len
-    if not 1 <= seq_len <= cfg.n_positions:
-        raise UserError(f"--seq-len must be in [1, n_positions={cfg.n_positions}], got {seq_len}")
-    out = {
-        "config": cfg.to_dict(),
-        "params": model.param_count(cfg),
-        "flops_per_token": model.flops_per_token(cfg, seq_len),
-        "backend": jax.default_backend(),
-        "devices": len(jax.devices()),
-    }
-    if args.forward:
-        params = model.init_params(cfg, jax.random.key(0))
-        tokens = jax.random.randint(jax.random.key(1), (2, min(seq_len, cfg.n_positions)), 0, cfg.vocab_size)
-        logits, _ = jax.jit(lambda p, t: model.forward(p, t, cfg))(params, tokens)
-        out["forward"] = {"logits_shape": list(logits.shape), "logits_dtype": str(logits.dtype),
-                          "mean_loss_vs_uniform": float(-jnp.mean(jax.nn.log_softmax(logits)[..., : cfg.vocab_size]))}
-    print(json.dumps(out, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -48,11 +48,14 @@ def forward(
     mask_BxT: jax.Array | None = None,
     train: bool = False,
     dropout_rng: jax.Array | None = None,
+    dropout_rows: jax.Array | None = None,
 ):
-    """`(logits_BxTxV, cache)`; a plain function so it can be jitted, pmapped or differentiated directly."""
+    """`(logits_BxTxV, cache)`; a plain function so it can be jitted, pmapped or differentiated directly.
+    Dropout (train=True) draws row b's masks from (dropout_rng, dropout_rows[b]): pass each row's place in the
+    global batch and every batch layout draws the same masks (default: 0..B-1)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return family(config).Decoder(config).apply(
-        {"params": params}, tokens_BxT, positions_BxT, cache, mask_BxT, train, rngs=rngs
+        {"params": params}, tokens_BxT, positions_BxT, cache, mask_BxT, train, dropout_rows, rngs=rngs
     )
 
 

@@ -1,13 +1,16 @@
-"""Data parallelism: one per-device function, two wrappers, plus batch placement and multi-host start-up.
+"""Running one step function over many devices: the pmap / shard_map data-parallel wrappers, a global-view jit on a
+(data, fsdp, tensor) mesh, batch placement, and multi-host start-up.
 
-A per-device function sees its slice of the batch and reduces across devices by axis name
-(`lax.pmean(x, AXIS)`). `wrap(fn, "pmap", …)` runs it under `jax.pmap`; `wrap(fn, "shard_map", …)` under
-`jax.jit(jax.shard_map(…))` over a 1-D mesh named AXIS. Tests prove both equal a single-device run.
+A *mapped* function sees its device's slice of the batch and reduces across devices by axis name
+(`lax.psum(x, AXIS)`): `wrap(fn, "pmap", …)` runs it under `jax.pmap`, `wrap(fn, "shard_map", …)` under
+`jax.jit(jax.shard_map(…))` over the mesh's data axis. A *global-view* function sees whole arrays and leaves
+partitioning to XLA: `wrap_global(fn, mesh, in_shardings, out_shardings)` jits it with shardings (FSDP and tensor
+parallelism, aigc_jax/sharding.py). Tests prove all of them equal a single-device run.
 
-Argument/output specs are the strings "rep" (the same on every device: params, optimizer state, metrics
+Mapped argument/output specs are the strings "rep" (the same on every device: params, optimizer state, metrics
 after pmean) and "data" (split over devices along the leading axis: batches, per-example outputs).
-Batch layout differs between the wrappers: pmap takes [local_devices, per_device_batch, …]; shard_map takes
-one global array [global_batch, …] sharded over AXIS. `shard_batch` builds either from this process's rows.
+Batch layout differs: pmap takes [local_devices, per_device_batch, …]; shard_map and mesh take one global array
+[global_batch, …] split over data (and fsdp). `shard_batch` builds either from this process's rows.
 """
 
 from __future__ import annotations
@@ -21,20 +24,23 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from aigc_jax import sharding
 from aigc_jax.errors import UserError
 
 AXIS = "data"
-MODES = ("pmap", "shard_map")
+MODES = ("pmap", "shard_map")  # the mapped (manual) data-parallel wrappers
+LAYOUTS = (*MODES, "mesh")  # … and the global-view jit on a mesh
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over all devices of all processes (or the given ones), axis named AXIS."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None, shape: sharding.MeshShape | str | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over all devices of all processes (or the given ones); by default every
+    device on data."""
+    return sharding.make_mesh(shape, devices)
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise UserError(f"--parallel must be one of {', '.join(MODES)}, got {mode!r}")
+def _check_mode(mode: str, modes=MODES) -> None:
+    if mode not in modes:
+        raise UserError(f"--parallel must be one of {', '.join(modes)}, got {mode!r}")
 
 
 def wrap(
@@ -64,6 +70,14 @@ def wrap(
     return jax.jit(mapped, donate_argnums=tuple(donate_argnums))
 
 
+def wrap_global(fn: Callable, mesh: Mesh, in_shardings, out_shardings, donate_argnums: Sequence[int] = (),
+                rules=sharding.TRAIN_RULES) -> Callable:
+    """`fn` (global view) jitted on `mesh` with these shardings; its `sharding.constrain` calls apply `rules`.
+    Donated inputs must have out_shardings equal to their in_shardings for XLA to reuse their buffers."""
+    return jax.jit(sharding.traced_with_rules(fn, mesh, rules), in_shardings=in_shardings,
+                   out_shardings=out_shardings, donate_argnums=tuple(donate_argnums))
+
+
 def local_device_count(mesh: Mesh) -> int:
     return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
 
@@ -73,18 +87,20 @@ def shard_batch(local_rows: Any, mode: str, mesh: Mesh) -> Any:
 
     The copy is asynchronous: call it for step n+1 before fetching step n's results to overlap the transfer.
     """
-    _check_mode(mode)
+    _check_mode(mode, LAYOUTS)
     n_local = local_device_count(mesh)
+    split = sharding.batch_sharding(mesh) if mode == "mesh" else NamedSharding(mesh, P(AXIS))
+    n_split = local_batch_shards(mesh) if mode == "mesh" else n_local
 
     def place(x):
         x = np.asarray(x)
-        if x.shape[0] % n_local:
-            raise UserError(f"batch of {x.shape[0]} rows does not split over {n_local} local devices")
+        if x.shape[0] % n_split:
+            raise UserError(f"batch of {x.shape[0]} rows does not split over this host's {n_split} batch shards")
         if mode == "pmap":
             x = x.reshape(n_local, x.shape[0] // n_local, *x.shape[1:])
             local_mesh = Mesh(np.asarray([d for d in mesh.devices.flat if d.process_index == jax.process_index()]), (AXIS,))
             return jax.device_put(x, NamedSharding(local_mesh, P(AXIS)))
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXIS)), x)
+        return jax.make_array_from_process_local_data(split, x)
 
     return jax.tree.map(place, local_rows)
 
@@ -95,12 +111,21 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
+def local_batch_shards(mesh: Mesh) -> int:
+    """How many distinct pieces of the batch this process's devices hold (data x fsdp; tensor copies repeat)."""
+    here = [i for i, d in np.ndenumerate(mesh.devices) if d.process_index == jax.process_index()]
+    names = list(mesh.axis_names)
+    keep = [names.index(a) for a in sharding.BATCH if a in names]
+    return len({tuple(i[k] for k in keep) for i in here})
+
+
 def gather_rows(x: jax.Array, mode: str) -> np.ndarray:
     """A "data" output back to host rows [local_batch, …] in the order `shard_batch` was given them."""
     if mode == "pmap":
         x = np.asarray(x)
         return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    # With tensor > 1 every batch piece sits on several devices: keep one copy of each.
+    shards = sorted((s for s in x.addressable_shards if s.replica_id == 0), key=lambda s: s.index[0].start or 0)
     return np.concatenate([np.asarray(s.data) for s in shards])
 
 

@@ -144,20 +144,25 @@ def spec_for(logical: Sequence[str | None], shape: Sequence[int], rules: Mapping
     return P(*out)
 
 
+def match_axes(keys: Sequence[str], family_axes: Mapping[str, tuple], layer_prefix: str,
+               scanned_axis: bool = True) -> tuple:
+    """The logical axes of the parameter at path `keys` (unrolled "h_3/…" or scanned "h/…"; the scanned layout's
+    leading layer axis is "layers" unless `scanned_axis=False`, e.g. inside the scan where it is sliced off)."""
+    scanned = keys[0] == layer_prefix
+    name = "/".join([f"{layer_prefix}_0", *keys[1:]] if scanned else keys)
+    hits = [axes for pattern, axes in family_axes.items() if re.fullmatch(pattern, name)]
+    if len(hits) != 1:
+        raise ValueError(f"parameter {'/'.join(keys)}: {len(hits)} sharding rules match (need exactly one)")
+    return ("layers", *hits[0]) if scanned and scanned_axis else tuple(hits[0])
+
+
 def logical_axes(params, family_axes: Mapping[str, tuple], layer_prefix: str):
     """The tree of logical-axis tuples of `params` (arrays or shapes, either layer layout), from a family's
     PARAM_AXES; a leaf matched by no rule (or by a rule of the wrong rank) is an error: nothing is placed by
     accident."""
-    compiled = [(re.compile(k), v) for k, v in family_axes.items()]
-
     def axes_of(path, leaf):
         keys = [getattr(p, "key", str(p)) for p in path]
-        scanned = keys[0] == layer_prefix
-        name = "/".join([f"{layer_prefix}_0", *keys[1:]] if scanned else keys)
-        hits = [axes for pattern, axes in compiled if pattern.fullmatch(name)]
-        if len(hits) != 1:
-            raise ValueError(f"parameter {'/'.join(keys)}: {len(hits)} sharding rules match (need exactly one)")
-        axes = ("layers", *hits[0]) if scanned else tuple(hits[0])
+        axes = match_axes(keys, family_axes, layer_prefix)
         if len(axes) != len(leaf.shape):
             raise ValueError(f"parameter {'/'.join(keys)} has shape {leaf.shape} but its rule names {axes}")
         return axes
@@ -197,6 +202,24 @@ def bytes_per_device(tree) -> int:
     return total
 
 
+def memory_report(compiled) -> dict:
+    """Per-device bytes XLA planned for a compiled program (`jit(...).lower(...).compile()`): arguments, outputs,
+    their aliased (donated) part, temporaries, and the peak these imply (args + outputs - aliased + temporaries)."""
+    m = compiled.memory_analysis()
+    if m is None:  # some backends plan no memory up front
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "alias", "temp")}
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
 # ------------------------------------------------------------------------------------------------ activations
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("aigc_jax_sharding_rules", default=None)
@@ -219,6 +242,31 @@ def traced_with_rules(fn, mesh: Mesh | None, rules: Mapping | None):
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+def gathered(w: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """A weight in its compute layout under the active rules: split as stored except along fsdp. FSDP stores a
+    layer's weights split and gathers them for its matmuls (XLA reduce-scatters the gradient back); without this,
+    XLA may instead split the *activations* along embed and then cannot return them to the batch split without an
+    "involuntary full rematerialization"."""
+    active = _ACTIVE.get()
+    if active is None:
+        return w
+    mesh, rules = active
+    compute = {k: tuple(a for a in _mesh_axes(v) if a != "fsdp") or None for k, v in rules.items()}
+    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec_for(logical, w.shape, compute, mesh, "weight")))
+
+
+def gathering_dot(path: Sequence[str], family_axes: Mapping[str, tuple], layer_prefix: str):
+    """A `dot_general` for a Flax Dense layer at `path` (its kernel's path without "kernel") that first brings the
+    kernel into its compute layout (`gathered`), by the kernel's logical axes in the family's PARAM_AXES."""
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        if _ACTIVE.get() is not None:
+            rhs = gathered(rhs, match_axes([*path, "kernel"], family_axes, layer_prefix, scanned_axis=False))
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+
+    return dot_general
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

@@ -290,7 +290,7 @@ def test_config_file_and_overrides(tmp_path):
 def test_cli_config_errors_are_one_line(tmp_path):
     assert_one_line_error(run_cli("info", "--model", "tiny", "--set", "n_head=3"), "must divide")
     assert_one_line_error(run_cli("info", "--model", "nope"), "unknown model preset")
-    assert_one_line_error(run_cli("info", "--model", "tiny", "--set", "bogus=1"), "unknown model key")
+    assert_one_line_error(run_cli("info", "--model", "tiny", "--set", "bogus=1"), "--set bogus: unknown key")
     assert_one_line_error(run_cli("info", "--config", str(tmp_path / "missing.json")), "does not exist")
     proc = run_cli("info", "--model", "tiny", "--forward")
     assert proc.returncode == 0, proc.stderr

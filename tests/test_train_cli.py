@@ -101,9 +101,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+@pytest.mark.parametrize("mode", ["pmap", "shard_map", "mesh"])
 def test_two_processes_of_four_devices_equal_one_process_of_eight(corpus, tmp_path, mode):
     args = ["--steps", "6", "--batch-size", "16", "--checkpoint-every", "3", "--parallel", mode]
+    if mode == "mesh":  # FSDP and tensor parallelism across processes; data spans the hosts, tensor stays inside one
+        args += ["--mesh", "data=2,fsdp=2,tensor=2", "--set", "n_head=4"]
     one = run_cli(*train_args(corpus, tmp_path / "one", *args),
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert one.returncode == 0, one.stderr

@@ -26,7 +26,7 @@ from aigc_jax.attention import attention, resolve_backend
 from aigc_jax.configs import ModelConfig, compute_dtype
 from aigc_jax.models import layers
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
-from aigc_jax.sharding import constrain
+from aigc_jax.sharding import constrain, gathered, gathering_dot
 
 LAYER_PREFIX = "h"  # layers are h_0, h_1, … (unrolled) or one stacked "h" (scan_layers)
 
@@ -55,14 +55,15 @@ _ACTIVATIONS = {
 }
 
 
-def _dense(config: ModelConfig, features, name: str, std: float = 0.02, axis=-1) -> nn.DenseGeneral:
+def _dense(parent: nn.Module, config: ModelConfig, features, name: str, std: float = 0.02) -> nn.DenseGeneral:
     return nn.DenseGeneral(
         features,
-        axis=axis,
         use_bias=config.bias,
         dtype=compute_dtype(config),
         param_dtype=jnp.dtype(config.param_dtype),
         kernel_init=nn.initializers.normal(std),
+        # On a mesh the kernel is gathered over fsdp for the matmul (aigc_jax/sharding.py); a no-op otherwise.
+        dot_general=gathering_dot([*parent.scope.path, name], PARAM_AXES, LAYER_PREFIX),
         name=name,
     )
 
@@ -91,11 +92,11 @@ class Block(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, layer_kv, mask_BxTxS, cache_index):
+    def __call__(self, x_BxTxD, layer_kv, mask_BxTxS, cache_index, rows_B):
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
+        drop = lambda x: layers.row_dropout(self, x, cfg.dropout, rows_B, not self.train)
         a_BxTxD, new_kv = CausalSelfAttention(cfg, self.backend, self.train, name="attn")(
-            _layer_norm(cfg, "ln_1")(x_BxTxD), layer_kv, mask_BxTxS, cache_index
+            _layer_norm(cfg, "ln_1")(x_BxTxD), layer_kv, mask_BxTxS, cache_index, rows_B
         )
         x_BxTxD = x_BxTxD + drop(a_BxTxD)
         x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxD)))
@@ -108,11 +109,11 @@ class CausalSelfAttention(nn.Module):
     train: bool
 
     @nn.compact
-    def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, cache_index):
+    def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, cache_index, rows_B):
         cfg = self.config
         B, T, D = h_BxTxD.shape
         H, Dh = cfg.n_head, cfg.head_dim
-        qkv_BxTx3xHxD = constrain(_dense(cfg, (3, H, Dh), "c_attn")(h_BxTxD), ("batch", None, "qkv", "heads", None))
+        qkv_BxTx3xHxD = constrain(_dense(self, cfg, (3, H, Dh), "c_attn")(h_BxTxD), ("batch", None, "qkv", "heads", None))
         q_BxTxHxD, k_BxTxHxD, v_BxTxHxD = (qkv_BxTx3xHxD[:, :, i] for i in range(3))
         k_BxHxDxT, v_BxHxTxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
         new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, cache_index, q_BxTxHxD.dtype)
@@ -125,8 +126,9 @@ class CausalSelfAttention(nn.Module):
             backend=self.backend,
             dropout_rate=rate,
             dropout_rng=self.make_rng("dropout") if rate > 0 else None,
+            rows_B=rows_B,
         )
-        return _dense(cfg, D, "c_proj", _residual_std(cfg))(o_BxTxHxD.reshape(B, T, D)), new_kv
+        return _dense(self, cfg, D, "c_proj", _residual_std(cfg))(o_BxTxHxD.reshape(B, T, D)), new_kv
 
 
 class MLP(nn.Module):
@@ -135,9 +137,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD):
         cfg = self.config
-        h_BxTxF = constrain(_ACTIVATIONS[cfg.activation](_dense(cfg, 4 * cfg.n_embd, "c_fc")(h_BxTxD)),
+        h_BxTxF = constrain(_ACTIVATIONS[cfg.activation](_dense(self, cfg, 4 * cfg.n_embd, "c_fc")(h_BxTxD)),
                             ("batch", None, "mlp"))
-        return _dense(cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(h_BxTxF)
+        return _dense(self, cfg, cfg.n_embd, "c_proj", _residual_std(cfg))(h_BxTxF)
 
 
 class Decoder(nn.Module):
@@ -153,11 +155,13 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         mask_BxT: jax.Array | None = None,
         train: bool = False,
+        rows_B: jax.Array | None = None,
     ):
         """tokens_BxT: int ids. positions_BxT: defaults to cache.index + 0..T-1 (left-padded batches pass
         cumsum(mask) - 1). mask_BxT: False marks padding tokens, which no query may attend to; None = all real.
         With `cache`, the T new keys/values are written at slots [index, index + T) and queries see every
-        earlier position in the cache. Dropout (train=True) needs `rngs={"dropout": key}`.
+        earlier position in the cache. Dropout (train=True) needs `rngs={"dropout": key}`; `rows_B` are the rows'
+        places in the global batch, which (with the key) decide each row's dropout masks (default 0..B-1).
         """
         cfg = self.config
         dtype, param_dtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
@@ -167,8 +171,12 @@ class Decoder(nn.Module):
         wte, wpe = embed(cfg.padded_vocab_size, "wte"), embed(cfg.n_positions, "wpe")
 
         positions_BxT = layers.default_positions(tokens_BxT, positions_BxT, cache)
-        x_BxTxD = constrain(wte(tokens_BxT) + wpe(positions_BxT), ("batch", None, None))
-        x_BxTxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxTxD)
+        # The lookup and the tied head read the table in its compute layout (split over tensor, whole over fsdp).
+        table_VxD = gathered(wte.embedding, PARAM_AXES["wte/embedding"]).astype(dtype)
+        positions_PxD = gathered(wpe.embedding, PARAM_AXES["wpe/embedding"]).astype(dtype)
+        x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0) + jnp.take(positions_PxD, positions_BxT, axis=0)
+        x_BxTxD = constrain(x_BxTxD, ("batch", None, None))
+        x_BxTxD = layers.row_dropout(self, x_BxTxD, cfg.dropout, rows_B, not train)
 
         kv, start = None, None
         if cache is not None:
@@ -178,13 +186,12 @@ class Decoder(nn.Module):
         backend = resolve_backend(
             cfg.attention, dtype, cfg.head_dim, needs_mask=mask_BxTxS is not None, dropout=train and cfg.attn_dropout > 0
         )
-        x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, mask_BxTxS, start)
+        x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, mask_BxTxS, start,
+                                        rows_B=rows_B)
 
         x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
         # Tied LM head; fp32 accumulation and output even when activations are bf16.
-        logits_BxTxV = jnp.einsum(
-            "btd,vd->btv", x_BxTxD.astype(dtype), wte.embedding.astype(dtype), preferred_element_type=jnp.float32
-        )
+        logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD.astype(dtype), table_VxD, preferred_element_type=jnp.float32)
         logits_BxTxV = layers.mask_padded_vocab(constrain(logits_BxTxV, ("batch", None, "vocab")), cfg.vocab_size)
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1]).advanced(tokens_BxT.shape[1])

@@ -26,8 +26,23 @@ def default_positions(tokens_BxT: jax.Array, positions_BxT: jax.Array | None, ca
     return start_Bx1 + jnp.arange(T, dtype=jnp.int32)[None]
 
 
-def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, mask_BxTxS, start, layer_args=None):
-    """Applies config.n_layer blocks: `block_cls(*block_args)(x, layer_kv, mask, start) -> (x, new layer kv)`.
+def row_dropout(module: nn.Module, x_BxN: jax.Array, rate: float, rows_B: jax.Array | None,
+                deterministic: bool) -> jax.Array:
+    """Dropout whose mask for row b depends only on this call site's dropout key and rows_B[b], the row's place in
+    the global batch: any device count, mesh or micro-batching draws the same masks (nn.Dropout draws one mask for
+    the array it sees, so a device's rows would get masks that depend on how the batch was split)."""
+    if deterministic or rate == 0.0:
+        return x_BxN
+    key = module.make_rng("dropout")
+    rows_B = jnp.arange(x_BxN.shape[0]) if rows_B is None else rows_B
+    keep = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(key, r), 1.0 - rate, x_BxN.shape[1:]))(rows_B)
+    return jnp.where(keep, x_BxN / (1.0 - rate), 0).astype(x_BxN.dtype)
+
+
+def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, mask_BxTxS, start, layer_args=None,
+               rows_B=None):
+    """Applies config.n_layer blocks: `block_cls(*block_args)(x, layer_kv, mask, start, rows) -> (x, new layer kv)`
+    (rows: each row's place in the global batch, for dropout masks; None = its index here).
 
     Unrolled (params `{prefix}_0`, `{prefix}_1`, …; each layer writes into the stacked cache in place) or, with
     `scan_layers`, one nn.scan (params under `prefix` with a leading layer axis; compile time flat in depth).
@@ -46,15 +61,16 @@ def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, m
             block_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=config.n_layer,
         )(*block_args, name=prefix)
         scanned_kv = None if kv is None else (*kv, None)
-        x_BxTxD, kv = blocks(x_BxTxD, scanned_kv, mask_BxTxS, start)
+        x_BxTxD, kv = blocks(x_BxTxD, scanned_kv, mask_BxTxS, start, rows_B)
         return x_BxTxD, kv
     for i in range(config.n_layer):
         layer_kv = None if kv is None else (*kv, i)
-        x_BxTxD, new_kv = block_cls(*per_layer[i], name=f"{prefix}_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start)
+        x_BxTxD, new_kv = block_cls(*per_layer[i], name=f"{prefix}_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start,
+                                                                          rows_B)
         kv = kv if new_kv is None else new_kv
     return x_BxTxD, kv
 

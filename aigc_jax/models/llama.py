@@ -115,7 +115,7 @@ class Attention(nn.Module):
     window: int | None  # this layer's sliding window (None: full causal attention)
 
     @nn.compact
-    def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, rope, cache_index):
+    def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, rope, cache_index, rows_B):
         cfg = self.config
         H, Hkv, Dh = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         q_BxTxHxD = _dense(cfg, (H, Dh), "q_proj", cfg.qkv_bias)(h_BxTxD)
@@ -126,7 +126,8 @@ class Attention(nn.Module):
         new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, cache_index, q_BxTxHxD.dtype)
         rate = cfg.attn_dropout if self.train else 0.0
         o_BxTxHxD = attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, backend=self.backend, dropout_rate=rate,
-                              dropout_rng=self.make_rng("dropout") if rate > 0 else None, window=self.window)
+                              dropout_rng=self.make_rng("dropout") if rate > 0 else None, window=self.window,
+                              rows_B=rows_B)
         return _dense(cfg, cfg.n_embd, "o_proj", cfg.o_bias, axis=(-2, -1))(o_BxTxHxD), new_kv
 
 
@@ -150,13 +151,13 @@ class Block(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x_BxTxD, layer_kv, context, cache_index):
+    def __call__(self, x_BxTxD, layer_kv, context, cache_index, rows_B):
         cfg = self.config
         (full_mask, window_mask), rope = context
         mask_BxTxS = full_mask if self.window is None else window_mask
-        drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
+        drop = lambda x: layers.row_dropout(self, x, cfg.dropout, rows_B, not self.train)
         a_BxTxD, new_kv = Attention(cfg, self.backend, self.train, self.window, name="self_attn")(
-            RMSNorm(cfg, name="input_layernorm")(x_BxTxD), layer_kv, mask_BxTxS, rope, cache_index
+            RMSNorm(cfg, name="input_layernorm")(x_BxTxD), layer_kv, mask_BxTxS, rope, cache_index, rows_B
         )
         x_BxTxD = x_BxTxD + drop(a_BxTxD)
         x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)))
@@ -184,13 +185,14 @@ class Decoder(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT=None, cache: KVCache | None = None, mask_BxT=None, train=False):
+    def __call__(self, tokens_BxT, positions_BxT=None, cache: KVCache | None = None, mask_BxT=None, train=False,
+                 rows_B=None):
         cfg = self.config
         dtype, param_dtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
         embed = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
                          embedding_init=_INIT, name="embed_tokens")
         positions_BxT = layers.default_positions(tokens_BxT, positions_BxT, cache)
-        x_BxTxD = nn.Dropout(cfg.dropout, deterministic=not train)(embed(tokens_BxT))
+        x_BxTxD = layers.row_dropout(self, embed(tokens_BxT), cfg.dropout, rows_B, not train)
 
         kv, start = None, None
         if cache is not None:
@@ -205,7 +207,7 @@ class Decoder(nn.Module):
             positions_BxT, mask_BxT, cache, window)
         context = ((full_mask, window_mask), rope_tables(cfg, positions_BxT, dtype))
         x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, context, start,
-                                        layer_args=lambda i: (cfg.windows[i],))
+                                        layer_args=lambda i: (cfg.windows[i],), rows_B=rows_B)
 
         x_BxTxD = RMSNorm(cfg, name="norm")(x_BxTxD)
         head_DxV = embed.embedding.T if cfg.tie_word_embeddings else LMHead(cfg, name="lm_head")()

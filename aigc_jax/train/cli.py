@@ -14,7 +14,15 @@ from aigc_jax.errors import ConfigError, UserError
 _TRAIN_FLAGS = {
     "steps": int, "batch_size": int, "seq_len": int, "lr": float, "seed": int, "checkpoint_every": int,
     "parallel": str, "grad_accum": int, "eval_every": int, "log_every": int, "warmup_steps": int,
-    "sample_every": int,
+    "sample_every": int, "mesh": str,
+}
+
+
+_HELP = {
+    "mesh": "data=D,fsdp=F,tensor=T: shard parameters and optimizer state (fsdp) and heads/MLP/vocab (tensor) over a "
+            "named mesh; omitted axes are 1, the product must equal the device count (default: every device on "
+            "data). A resumed run may use another mesh",
+    "parallel": "auto (default: pmap on a data-only mesh, else mesh) | pmap | shard_map | mesh",
 }
 
 
@@ -26,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--workdir", required=True, help="run directory: config, tokenizer, checkpoints, metrics")
     for name, typ in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None,
-                       help=f"train.{name} (see aigc_jax/train/config.py)")
+                       help=_HELP.get(name, f"train.{name} (see aigc_jax/train/config.py)"))
     p.add_argument("--tokenizer", default="byte", help="byte (default) | char | bpe:VOCAB_SIZE | DIR with tokenizer files")
     p.add_argument("--init-from", metavar="SRC",
                    help="fine-tune from a model dir, training workdir or HF GPT-2/Llama/Qwen2/Mistral dir: its "
@@ -44,7 +52,9 @@ def register(sub) -> None:
     e.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's micro-batch)")
     e.add_argument("--max-batches", type=int, default=0,
                    help="estimate from N batches drawn across the split with a fixed seed (0 = a complete pass)")
-    e.add_argument("--parallel", default=None, choices=["pmap", "shard_map"])
+    e.add_argument("--parallel", default=None, choices=["auto", "pmap", "shard_map", "mesh"])
+    e.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help="evaluate on this mesh (default: every device on data), whatever mesh trained the run")
     e.set_defaults(func=_eval)
 
 
@@ -129,6 +139,6 @@ def _eval(args) -> int:
     if args.max_batches < 0:
         raise UserError(f"--max-batches must be >= 0 (0 = a complete pass), got {args.max_batches}")
     out = loop.evaluate_workdir(args.workdir, args.split, args.data, args.data_dir, args.batch_size,
-                                args.max_batches, args.parallel)
+                                args.max_batches, args.parallel, args.mesh)
     print(json.dumps(out))
     return 0

@@ -6,13 +6,13 @@ import dataclasses
 
 from aigc_jax.configs import from_dict
 from aigc_jax.errors import ConfigError
-from aigc_jax.parallel import MODES
+from aigc_jax.parallel import LAYOUTS
 
 # Fields that may change when an interrupted run is re-launched in the same workdir: they do not change
 # the numbers a finished run produces up to the step it reached (steps lets you extend a run).
 RESUMABLE_CHANGES = frozenset(
     {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "sample_every",
-     "mfu_peak_tflops", "progress", "halt_after_nonfinite"}
+     "mfu_peak_tflops", "progress", "halt_after_nonfinite", "parallel", "mesh"}
 )
 
 
@@ -38,7 +38,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     seed: int = 0  # params init, dropout and data order all derive from it
     shift_windows: bool = True  # each epoch after the first reads the text at a new seeded offset (data/batches.py)
-    parallel: str = "pmap"  # pmap | shard_map: the two wrappers of the same per-device step
+    parallel: str = "auto"  # auto (pmap on a data-only mesh, else mesh) | pmap | shard_map | mesh (global-view jit)
+    mesh: str = ""  # "data=D,fsdp=F,tensor=T" (omitted axes = 1); empty = every device on data (aigc_jax/sharding.py)
     checkpoint_every: int = 500  # also at the end and on SIGTERM/SIGINT; 0 = only those
     keep_checkpoints: int = 3  # the last K are kept
     eval_every: int = 250  # 0 = never during training
@@ -71,8 +72,8 @@ class TrainConfig:
             raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        if self.parallel not in MODES:
-            raise ConfigError(f"train.parallel must be one of {', '.join(MODES)}, got {self.parallel!r}")
+        if self.parallel not in ("auto", *LAYOUTS):
+            raise ConfigError(f"train.parallel must be one of auto, {', '.join(LAYOUTS)}, got {self.parallel!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
 

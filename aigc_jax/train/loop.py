@@ -26,9 +26,10 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from aigc_jax import checkpoints as ckpt
-from aigc_jax import configs, data, fileio, modeldir, parallel
+from aigc_jax import configs, data, fileio, modeldir, sharding
 from aigc_jax import tokenizers as tok
 from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.errors import UserError
@@ -36,7 +37,7 @@ from aigc_jax.model import flops_per_token, init_params
 from aigc_jax.train import optimizer as optim
 from aigc_jax.train.config import RESUMABLE_CHANGES, TrainConfig
 from aigc_jax.train.metrics import MetricsWriter, eval_summary, peak_flops_per_device
-from aigc_jax.train.step import TrainState, eval_step, init_state, train_step
+from aigc_jax.train.layout import Layout, memory_plan
 
 # What a fresh start writes before run.json: a workdir holding only these (and temporary files) was killed
 # mid-start and may be started over.
@@ -60,6 +61,7 @@ class Run:
     init_params: Any = None  # weights to fine-tune from (fresh optimizer), or None for a random init
     resume_step: int | None = None
     notes: tuple[str, ...] = ()  # what prepare() found worth telling (settings, schedule changes)
+    layout: Layout | None = None  # where state and batches live (set by prepare)
 
 
 def prepare(
@@ -125,9 +127,7 @@ def prepare(
         raise UserError(f"--seq-len {seq_len} exceeds the model's context n_positions={model_config.n_positions}")
     train_config = dataclasses.replace(train_config, seq_len=seq_len)
     n_dev = jax.device_count()
-    if train_config.batch_size % (n_dev * train_config.grad_accum):
-        raise UserError(f"--batch-size {train_config.batch_size} must be divisible by devices × grad_accum = "
-                        f"{n_dev} × {train_config.grad_accum}")
+    layout = Layout.resolve(train_config, model_config)
 
     if dataset is None:
         dataset = data.load(data_source, tokenizer, data_dir=data_dir)
@@ -151,7 +151,8 @@ def prepare(
     if previous is not None:
         _check_same_run(workdir, previous, record)
         notes += _resume_notes(previous, record, resume_step)
-    return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step, tuple(notes))
+    return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step, tuple(notes),
+               layout)
 
 
 def _check_tokenizer(workdir: str, previous: dict, tokenizer: tok.Tokenizer, what: str) -> None:
@@ -284,7 +285,7 @@ def train(run: Run, log=print) -> dict:
     """Runs (or resumes) training; returns the final metrics. Raises TrainingHalted on a non-finite streak."""
     cfg, mcfg = run.train_config, run.model_config
     primary = jax.process_index() == 0
-    mesh = parallel.make_mesh()
+    layout = run.layout
     if jax.process_count() > 1:
         # Every process has prepared (and so read the workdir) before the primary writes to it.
         from jax.experimental import multihost_utils
@@ -294,44 +295,47 @@ def train(run: Run, log=print) -> dict:
     for note in run.notes:
         log(note)
     optimizer = optim.make(cfg)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    make_state = functools.partial(_initial_state, run=run, optimizer=optimizer)
     start = run.resume_step or 0
     if run.resume_step is None:
         # A fresh start claims the workdir first: killed from here on, the same command starts over or resumes.
         _write_run_files(run, primary)
     checkpoints = ckpt.Checkpoints(run.workdir, cfg.keep_checkpoints)
+    abstract, shardings = layout.abstract_state(optimizer, cfg.seed, mcfg)
     if run.resume_step is not None:
-        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                                jax.eval_shape(make_state))
+        # Restored onto this run's layout, whatever layout saved it (orbax reshards).
         state, meta = checkpoints.restore(run.resume_step, abstract)
         _check_meta(meta, run, checkpoints.directory)
         log(f"resumed from {checkpoints.directory}/{run.resume_step}")
         _write_run_files(run, primary)  # only now: a checkpoint that fails to restore leaves the workdir as it was
     else:
-        state = jax.jit(make_state, out_shardings=replicated)()
+        state, _ = layout.initial_state(run.init_params, optimizer, cfg.seed, mcfg)
 
-    step_fn = parallel.wrap(
-        functools.partial(train_step, model_config=mcfg, train_config=cfg, optimizer=optimizer),
-        cfg.parallel, mesh, ("rep", "data"), ("rep", "rep"), donate_argnums=(0,),
-    )
+    step_fn = layout.train_step(shardings, model_config=mcfg, train_config=cfg, optimizer=optimizer)
     sampler = data.Batches(run.data.train, cfg.seq_len, cfg.batch_size, cfg.seed,
                            jax.process_index(), jax.process_count(), cfg.shift_windows)
-    place = lambda step: parallel.shard_batch(sampler.batch(step), cfg.parallel, mesh)
-    evaluate = functools.partial(_evaluate, run=run, mesh=mesh, max_batches=cfg.eval_batches)
-    evaluate_all = functools.partial(_evaluate, run=run, mesh=mesh, max_batches=0)
+    stop = _StopFlag()
+
+    def place(step):
+        rows = sampler.batch(step)
+        # This host's stop request travels with its rows; the step reduces it over every host.
+        rows["stop"] = np.full(len(rows["tokens"]), 1 if stop.signum else 0, np.int32)
+        return layout.place(rows)
+
+    evaluate = functools.partial(_evaluate, run=run, max_batches=cfg.eval_batches)
+    evaluate_all = functools.partial(_evaluate, run=run, max_batches=0)
+    batch = place(start) if start < cfg.steps else None
+    if batch is not None:
+        _log_memory_plan(step_fn, state, batch, abstract, layout, log)
     writer = MetricsWriter(run.workdir, enabled=primary)
     flops = flops_per_token(mcfg, cfg.seq_len)
     peak = peak_flops_per_device(cfg.mfu_peak_tflops)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    stop = _StopFlag()
     bar = _progress(cfg, start, primary)
 
     last: dict = {}
     saved = run.resume_step  # the step of the newest checkpoint on disk (or being written)
     pending = None  # (step, device metrics) of the step dispatched before the current one
     t_prev = time.perf_counter()
-    batch = place(start) if start < cfg.steps else None
     step = start
     try:
         for step in range(start, cfg.steps):
@@ -350,7 +354,7 @@ def train(run: Run, log=print) -> dict:
                 writer.write(done, "eval", evaluate(state.params))
             if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
                 _log_samples(run, state.params, done, writer, log)
-            if stop.signum:
+            if last.get("stop"):  # some host was signalled: every host sees it at this same step and stops here
                 break
         if pending is not None:
             last = _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar)
@@ -358,10 +362,10 @@ def train(run: Run, log=print) -> dict:
         if final_step != saved:
             checkpoints.save(final_step, state, _meta(final_step, run))
         checkpoints.wait()
-        if stop.signum:
-            log(f"stopped by signal {stop.signum} at step {final_step}; checkpoint saved. "
-                "Re-run the same command to continue.")
-            sys.exit(128 + stop.signum)
+        if stop.signum or last.get("stop"):
+            why = f"by signal {stop.signum}" if stop.signum else "because another process was signalled"
+            log(f"stopped {why} at step {final_step}; checkpoint saved. Re-run the same command to continue.")
+            sys.exit(128 + (stop.signum or signal.SIGTERM))
         result = {"step": final_step, **{k: last[k] for k in ("loss",) if k in last}}
         if final_step > start or cfg.eval_every:
             # The final figure is a complete pass over the validation split, never an estimate.
@@ -378,11 +382,16 @@ def train(run: Run, log=print) -> dict:
         writer.close()
 
 
-def _initial_state(run: Run, optimizer) -> TrainState:
-    params = run.init_params
-    if params is None:
-        params = init_params(run.model_config, jax.random.key(run.train_config.seed))
-    return init_state(params, optimizer, run.train_config.seed)
+def _log_memory_plan(step_fn, state, batch, abstract, layout: Layout, log) -> None:
+    """Compiles the step for these inputs and logs the per-device memory it plans (what `aigc-jax info` predicts
+    for this layout). jit keeps the executable, so the first step does not compile again; pmap has no such cache
+    and is left to compile on its first call."""
+    if layout.mode == "pmap":
+        return
+    plan = memory_plan(step_fn.lower(state, batch).compile(), abstract)
+    log(f"{layout.mode} on mesh {layout.shape}: per device {sharding.human_bytes(plan['params_bytes'])} params + "
+        f"{sharding.human_bytes(plan['optimizer_bytes'])} optimizer state; the step plans "
+        + ", ".join(f"{k[5:-6]} {sharding.human_bytes(v)}" for k, v in plan.items() if k.startswith("step_")))
 
 
 def _write_run_files(run: Run, primary: bool) -> None:
@@ -433,28 +442,33 @@ def _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar) -> 
     return values
 
 
-def _evaluate(params, run: Run, mesh, max_batches: int = 0) -> dict:
+def _evaluate(params, run: Run, max_batches: int = 0) -> dict:
     """Validation loss, perplexity and bits per byte: a complete pass (max_batches=0), or an estimate of the
     whole split from `max_batches` batches of windows drawn across it with a fixed seed (the same at every eval).
     `tokens` says how many tokens the figure is over.
 
     Batches are training micro-batches (batch_size / grad_accum rows): a recipe that accumulates gradients to fit
     in memory would not fit a whole batch's logits at once."""
-    cfg = run.train_config
-    fn = _eval_fn(run.model_config, cfg.parallel, mesh)
+    cfg, layout = run.train_config, run.layout
+    fn = _eval_fn(run.model_config, layout, jax.tree.map(lambda x: x.sharding, params))
     nll, count = 0.0, 0.0
     batches = data.eval_batches(run.data.validation, cfg.seq_len, cfg.batch_size // cfg.grad_accum,
                                 jax.process_index(), jax.process_count(), max_batches=max_batches, seed=cfg.seed)
     for rows in batches:
-        out = jax.device_get(fn(params, parallel.shard_batch(rows, cfg.parallel, mesh)))
+        out = jax.device_get(fn(params, layout.place(rows)))
         nll, count = nll + float(out["nll"]), count + float(out["tokens"])
     return eval_summary(nll, count, run.data.bytes_per_token)
 
 
-@functools.lru_cache(maxsize=8)
-def _eval_fn(model_config, mode, mesh):
-    return parallel.wrap(functools.partial(eval_step, model_config=model_config), mode, mesh,
-                         ("rep", "data"), "rep")
+_EVAL_FNS: dict = {}
+
+
+def _eval_fn(model_config, layout: Layout, param_shardings):
+    key = (model_config, layout, jax.tree.structure(param_shardings))
+    if key not in _EVAL_FNS:
+        _EVAL_FNS.clear()  # one run's at a time: executables hold on to their buffers
+        _EVAL_FNS[key] = layout.eval_step(param_shardings, model_config)
+    return _EVAL_FNS[key]
 
 
 def _log_samples(run: Run, params, step: int, writer, log) -> None:
@@ -505,31 +519,31 @@ class _StopFlag:
 
 def evaluate_workdir(workdir: str, split: str = "validation", data_source: str | None = None,
                      data_dir: str | None = None, batch_size: int | None = None, max_batches: int = 0,
-                     parallel_mode: str | None = None) -> dict:
+                     parallel_mode: str | None = None, mesh: str | None = None) -> dict:
     """`aigc-jax eval`: loss, perplexity, bits per byte and token count of the latest checkpoint on a split.
 
-    Batches are the run's micro-batches (batch_size / grad_accum rows) unless `batch_size` says otherwise."""
+    Batches are the run's micro-batches (batch_size / grad_accum rows) unless `batch_size` says otherwise; the
+    weights are restored straight onto the layout (`mesh`, default every device on data), whatever saved them."""
     record = ckpt.read_run_file(workdir)
     if record is None:
         raise UserError(f"{workdir} is not a training workdir ({ckpt.RUN_FILE} is missing)")
     if split not in ("train", "validation"):
         raise UserError(f"--split must be train or validation, got {split!r}")
-    config, params, tokenizer = modeldir.load_workdir(workdir)
-    if tokenizer is None:
-        raise UserError(f"{workdir} has no {tok.FILE}: it is not a complete training workdir")
-    train_cfg = TrainConfig.from_dict(record["train"])
+    config = modeldir.load_config(workdir)
+    train_cfg = TrainConfig.from_dict({**record["train"], "mesh": mesh or "", "parallel": parallel_mode or "auto"})
     if batch_size:
         train_cfg = dataclasses.replace(train_cfg, batch_size=batch_size, grad_accum=1)
-    if parallel_mode:
-        train_cfg = dataclasses.replace(train_cfg, parallel=parallel_mode)
     rows = train_cfg.batch_size // train_cfg.grad_accum
-    if rows % jax.device_count():
+    if rows % jax.device_count() and train_cfg.parallel != "mesh" and not mesh:
         raise UserError(f"evaluation batches of {rows} rows do not split over {jax.device_count()} devices: "
                         f"pass --batch-size N with N a multiple of {jax.device_count()}")
+    layout = Layout.resolve(train_cfg, config)
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    _, params, tokenizer = modeldir.load_workdir(workdir, sharding=layout.param_shardings(abstract, config))
+    if tokenizer is None:
+        raise UserError(f"{workdir} has no {tok.FILE}: it is not a complete training workdir")
     dataset = data.load(data_source or record["data"], tokenizer, data_dir=data_dir)
     if split == "train":
         dataset = dataclasses.replace(dataset, validation=dataset.train)
-    run = Run(workdir, config, train_cfg, tokenizer, dataset, record)
-    mesh = parallel.make_mesh()
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return _evaluate(params, run, mesh, max_batches)
+    run = Run(workdir, config, train_cfg, tokenizer, dataset, record, layout=layout)
+    return _evaluate(params, run, max_batches)

@@ -1,0 +1,69 @@
+"""`aigc-jax info`: what a model is (config, parameters, FLOPs per token) and what it will cost per device.
+
+    aigc-jax info --model gpt2-xl --set dtype=bfloat16 --mesh fsdp=8 --batch-size 8 --seq-len 1024
+
+With --mesh or --batch-size it compiles the train step for that mesh with abstract inputs: nothing is
+materialised, so it plans models and meshes far larger than this machine (simulate devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=64). It prints one JSON object: parameter count, per-device bytes
+of parameters and optimizer state as stored, and the compiled step's per-device argument / output / aliased /
+temporary bytes (`compiled.memory_analysis()`) with the peak they imply. What those figures mean for a GPU is in
+README ("Memory you can plan with").
+"""
+
+from __future__ import annotations
+
+import json
+
+from aigc_jax import configs
+from aigc_jax.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="a model's config, size and FLOPs; with --mesh/--batch-size its per-device memory")
+    configs.add_model_args(p)
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: n_positions)")
+    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help="plan the train step on this mesh (default: every device on data)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch for the memory plan (default: devices)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step for the memory plan")
+    p.add_argument("--forward", action="store_true", help="initialise random weights and run one forward pass")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from aigc_jax import model
+    from aigc_jax.train import layout, optimizer
+    from aigc_jax.train.cli import split_overrides
+    from aigc_jax.train.config import TrainConfig
+
+    model_over, train_over = split_overrides(args.set)
+    cfg = configs.model_config(args.model, args.config, model_over)
+    seq_len = cfg.n_positions if args.seq_len is None else args.seq_len
+    if not 1 <= seq_len <= cfg.n_positions:
+        raise UserError(f"--seq-len must be in [1, n_positions={cfg.n_positions}], got {seq_len}")
+    out = {
+        "config": cfg.to_dict(),
+        "params": model.param_count(cfg),
+        "flops_per_token": model.flops_per_token(cfg, seq_len),
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+    }
+    if args.mesh is not None or args.batch_size is not None or train_over:
+        batch = args.batch_size if args.batch_size is not None else jax.device_count() * args.grad_accum
+        if batch < 1 or args.grad_accum < 1:
+            raise UserError("--batch-size and --grad-accum must be >= 1")
+        tc = TrainConfig.from_dict({**train_over, "batch_size": batch, "seq_len": seq_len,
+                                    "grad_accum": args.grad_accum, "mesh": args.mesh or ""})
+        out["train"] = {"batch_size": batch, "seq_len": seq_len, "grad_accum": args.grad_accum,
+                        **layout.plan(cfg, tc, optimizer.make(tc))}
+    if args.forward:
+        params = model.init_params(cfg, jax.random.key(0))
+        tokens = jax.random.randint(jax.random.key(1), (2, seq_len), 0, cfg.vocab_size)
+        logits, _ = jax.jit(lambda p, t: model.forward(p, t, cfg))(params, tokens)
+        out["forward"] = {"logits_shape": list(logits.shape), "logits_dtype": str(logits.dtype),
+                          "mean_loss_vs_uniform": float(-jnp.mean(jax.nn.log_softmax(logits)[..., : cfg.vocab_size]))}
+    print(json.dumps(out, indent=2))
+    return 0
