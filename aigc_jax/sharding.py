@@ -127,17 +127,19 @@ def _mesh_axes(rule) -> tuple[str, ...]:
     return () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
 
 
-def spec_for(logical: Sequence[str | None], shape: Sequence[int], rules: Mapping, mesh: Mesh,
-             where: str = "") -> P:
+def spec_for(logical: Sequence[str | None], shape: Sequence[int] | None, rules: Mapping, mesh: Mesh,
+             where: str = "", warn: bool = True) -> P:
     """The PartitionSpec of one array: each dim's logical axis through `rules`, replicated where it does not divide
-    (warned) or where an earlier dim already uses the mesh axis."""
+    (warned, unless `warn=False`) or where an earlier dim already uses the mesh axis. `shape=None`: no divisibility
+    check (for shardings fixed before the shapes are known; the caller guarantees they divide)."""
     used, out = set(), []
-    for name, size in zip(logical, shape):
+    for name, size in zip(logical, shape if shape is not None else [None] * len(logical)):
         axes = tuple(a for a in _mesh_axes(rules.get(name)) if mesh.shape.get(a, 1) > 1 and a not in used)
         n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if axes and size % n:
-            warnings.warn(f"{where}: dimension {name} of size {size} does not divide mesh axes {axes} ({n}); "
-                          "replicated instead", stacklevel=2)
+        if axes and size is not None and size % n:
+            if warn:
+                warnings.warn(f"{where}: dimension {name} of size {size} does not divide mesh axes {axes} ({n}); "
+                              "replicated instead", stacklevel=2)
             axes = ()
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -227,4 +229,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical, x.shape, rules, mesh, "activation")))
+    # Activations that do not divide stay whole without a warning: a prefill of one prompt on a batch-split mesh
+    # is ordinary, and it would warn at every trace.
+    spec = spec_for(logical, x.shape, rules, mesh, "activation", warn=False)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

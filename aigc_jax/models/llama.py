@@ -29,6 +29,7 @@ from aigc_jax.attention import attention, resolve_backend
 from aigc_jax.configs import LlamaConfig, compute_dtype
 from aigc_jax.models import layers
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
+from aigc_jax.sharding import constrain
 
 LAYER_PREFIX = "layers"  # layers_0, layers_1, … (unrolled) or one stacked "layers" (scan_layers)
 
@@ -118,9 +119,12 @@ class Attention(nn.Module):
     def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, rope, cache_index):
         cfg = self.config
         H, Hkv, Dh = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q_BxTxHxD = _dense(cfg, (H, Dh), "q_proj", cfg.qkv_bias)(h_BxTxD)
-        k_BxTxHxD = _dense(cfg, (Hkv, Dh), "k_proj", cfg.qkv_bias)(h_BxTxD)
-        v_BxTxHxD = _dense(cfg, (Hkv, Dh), "v_proj", cfg.qkv_bias)(h_BxTxD)
+        # Column-parallel projections: each tensor shard computes whole heads (and their KV heads).
+        q_BxTxHxD = constrain(_dense(cfg, (H, Dh), "q_proj", cfg.qkv_bias)(h_BxTxD), ("batch", None, "heads", None))
+        k_BxTxHxD = constrain(_dense(cfg, (Hkv, Dh), "k_proj", cfg.qkv_bias)(h_BxTxD),
+                              ("batch", None, "kv_heads", None))
+        v_BxTxHxD = constrain(_dense(cfg, (Hkv, Dh), "v_proj", cfg.qkv_bias)(h_BxTxD),
+                              ("batch", None, "kv_heads", None))
         q_BxTxHxD, k_BxTxHxD = apply_rope(q_BxTxHxD, *rope), apply_rope(k_BxTxHxD, *rope)
         k_BxHxDxT, v_BxHxTxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
         new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, cache_index, q_BxTxHxD.dtype)
@@ -138,7 +142,8 @@ class MLP(nn.Module):
         cfg = self.config
         gate_BxTxF = _dense(cfg, cfg.n_inner, "gate_proj", cfg.mlp_bias)(h_BxTxD)
         up_BxTxF = _dense(cfg, cfg.n_inner, "up_proj", cfg.mlp_bias)(h_BxTxD)
-        return _dense(cfg, cfg.n_embd, "down_proj", cfg.mlp_bias)(jax.nn.silu(gate_BxTxF) * up_BxTxF)
+        hidden_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", None, "mlp"))
+        return _dense(cfg, cfg.n_embd, "down_proj", cfg.mlp_bias)(hidden_BxTxF)
 
 
 class Block(nn.Module):
@@ -160,7 +165,7 @@ class Block(nn.Module):
         )
         x_BxTxD = x_BxTxD + drop(a_BxTxD)
         x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)))
-        return x_BxTxD, new_kv
+        return constrain(x_BxTxD, ("batch", None, None)), new_kv
 
 
 class LMHead(nn.Module):
@@ -190,7 +195,8 @@ class Decoder(nn.Module):
         embed = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
                          embedding_init=_INIT, name="embed_tokens")
         positions_BxT = layers.default_positions(tokens_BxT, positions_BxT, cache)
-        x_BxTxD = nn.Dropout(cfg.dropout, deterministic=not train)(embed(tokens_BxT))
+        x_BxTxD = constrain(embed(tokens_BxT), ("batch", None, None))
+        x_BxTxD = nn.Dropout(cfg.dropout, deterministic=not train)(x_BxTxD)
 
         kv, start = None, None
         if cache is not None:
@@ -212,7 +218,7 @@ class Decoder(nn.Module):
         # fp32 accumulation and output even when activations are bf16.
         logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD.astype(dtype), head_DxV.astype(dtype),
                                   preferred_element_type=jnp.float32)
-        logits_BxTxV = layers.mask_padded_vocab(logits_BxTxV, cfg.vocab_size)
+        logits_BxTxV = layers.mask_padded_vocab(constrain(logits_BxTxV, ("batch", None, "vocab")), cfg.vocab_size)
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1]).advanced(tokens_BxT.shape[1])
         return logits_BxTxV, cache
