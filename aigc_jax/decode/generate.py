@@ -254,8 +254,7 @@ class Generator:
     # -- compilation -------------------------------------------------------------------------------------------
 
     def _compiled(self, strategy: Strategy, n_tokens: int) -> tuple[Program, dict[str, Callable]]:
-        devices = None if self.mesh is None else (self.mesh.devices.shape, tuple(d.id for d in self.mesh.devices.flat))
-        key = (self.config, strategy, n_tokens, self.mode, devices, self.debug)
+        key = (self.config, strategy, n_tokens, self.mode, decode_mesh.key(self.mesh), self.debug)
         if key not in _PROGRAMS:
             program = Program(self.config, strategy, n_tokens, loop=_python_while if self.debug else lax.while_loop)
             _PROGRAMS[key] = (program, self._wrap(program))
@@ -364,6 +363,17 @@ class Generator:
             yield new
             if stop >= gen.max_new_tokens or all(done):
                 return
+
+    def lower(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig, program: str = "generate"):
+        """The `jax.stages.Lowered` of one of this batch's programs: "generate" (prefill + loop), "prefill" or "run"
+        (the decode loop alone), e.g. to read its compiled HLO (`.compile().as_text()`) or memory_analysis()."""
+        if self.debug:
+            raise UserError("the debug decode path is not compiled: there is nothing to lower")
+        fns, batch, knobs, _ = self._prepare(prompts, gen)
+        if program == "run":
+            state = jax.eval_shape(fns["prefill"], self.params, *batch, knobs)
+            return fns["run"].lower(self.params, state, knobs, np.int32(gen.max_new_tokens))
+        return fns[program].lower(self.params, *batch, knobs)
 
     def compiled_call(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> Callable:
         """For timing: `f(max_new_tokens=None) -> ids on device` with the batch and knobs already on device (call

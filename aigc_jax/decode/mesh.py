@@ -39,6 +39,13 @@ def resolve(mesh) -> Mesh:
     return sharding.make_mesh(mesh)
 
 
+def key(mesh: Mesh | None):
+    """What identifies `mesh` in a cache of compiled programs: its shape, axes and devices (None: no mesh)."""
+    if mesh is None:
+        return None
+    return mesh.devices.shape, tuple(mesh.axis_names), tuple(d.id for d in mesh.devices.flat)
+
+
 def check_model(config, mesh: Mesh) -> None:
     """Tensor parallelism must divide the heads (one-line error otherwise)."""
     sharding.check_heads(mesh, config.n_head, config.n_kv_head)
