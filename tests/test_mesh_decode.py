@@ -213,7 +213,7 @@ def test_cli_generate_on_a_mesh_equals_one_device(serve_model):
 
 ENGINE = COMMON + r"""
 import threading
-from aigc_jax.serve.engine import Engine, Sampling, Sequence, Tokens
+from aigc_jax.serve.engine import Engine, Sampling, Scored, Sequence, Tokens
 
 cfg, params = tiny("gpt2")
 prompts = [rng.integers(0, 61, n).tolist() for n in (3, 7, 1, 12, 5, 20, 9, 2, 30, 4)]
@@ -226,6 +226,10 @@ def serve(mesh):
                 if isinstance(event, Tokens):
                     tokens.setdefault(key, []).extend(event.ids)
                     logprobs.setdefault(key, []).extend(event.logprobs or [])
+                elif isinstance(event, Scored):  # a prompt's log-probabilities (echo)
+                    logprobs[key] = event.logprobs
+                    tokens[key] = [[i for i, _ in top] for top in event.top]
+                    done.release()
                 else:
                     done.release()
         return emit
@@ -234,7 +238,8 @@ def serve(mesh):
         seqs += [Sequence(p, 15, emitter(f"sample{{i}}"), sampling=Sampling(temperature=0.9, top_k=20, seed=4))
                  for i, p in enumerate(prompts[:4])]
         engine.submit(seqs)  # 14 sequences for 8 slots: some join while others decode
-        for _ in seqs:
+        engine.score(prompts[8], emitter("score"))
+        for _ in range(len(seqs) + 1):
             assert done.acquire(timeout=300), "a sequence did not finish"
     return {{"tokens": tokens, "logprobs": logprobs}}
 

@@ -6,8 +6,9 @@ compiles the Generator's prefill and decode-loop programs for `jax.ShapeDtypeStr
 their shardings (decode/mesh.py), so it plans models far larger than this machine, and meshes it does not have
 (simulated devices: XLA_FLAGS=--xla_force_host_platform_device_count=64). Shapes are the buckets the Generator
 would run (decode/config.py): prompt length and new tokens to powers of two, the batch to a multiple of data×fsdp.
-The figures are XLA's for the backend it compiles for (a CPU compile plans CPU buffers: a GPU's temporaries differ
-with its fusions, while parameter, cache and argument bytes are the same arithmetic).
+The figures are XLA's for the backend it compiles for. Parameter, cache and argument bytes are the same arithmetic
+on any backend; temporaries follow the backend's fusions, and a CPU compile's bf16 temporaries include fp32
+copies of the weights (the CPU backend upcasts bf16 matmuls), which a GPU does not make.
 """
 
 from __future__ import annotations
