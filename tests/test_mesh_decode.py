@@ -182,13 +182,14 @@ def test_memory_report_of_beam_search_counts_every_beam(planned):
 
 
 def test_bad_meshes_are_one_line_errors(capsys):
-    def error(*args):
-        rc = cli_main(["generate", "--model", "tiny", "--prompt", "hi", *args])
+    def error(*args, command=("generate", "--prompt", "hi")):
+        rc = cli_main([command[0], "--model", "tiny", *command[1:], *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc != 0 and len(err) == 1, err
         return err[0]
 
     assert "expected axis=size items with axes data, fsdp, tensor" in error("--mesh", "pipe=1")
+    assert "expected axis=size items" in error("--mesh", "pipe=1", command=("serve",))
     assert "the product of the axes must equal the device count" in error("--mesh", "data=2")
     assert "drop --parallel pmap" in error("--mesh", "data=1", "--parallel", "pmap")
     with pytest.raises(api.UserError, match="must be a positive integer"):
@@ -243,13 +244,15 @@ def serve(mesh):
             assert done.acquire(timeout=300), "a sequence did not finish"
     return {{"tokens": tokens, "logprobs": logprobs}}
 
-print(json.dumps({{"one": serve(None), "mesh": serve({mesh!r})}}))
+slots_error = error(lambda: Engine(cfg, params, max_batch=6, mesh="data=4,tensor=2"))
+print(json.dumps({{"one": serve(None), "mesh": serve({mesh!r}), "slots_error": slots_error}}))
 """
 
 
 def test_engine_on_a_mesh_serves_what_one_device_serves():
     out = run_script(ENGINE.format(mesh="data=2,fsdp=2,tensor=2"), devices=8, env=ENV)
     one, mesh = out["one"], out["mesh"]
+    assert "--max-batch 6 must be a multiple of data x fsdp = 4" in out["slots_error"]
     assert mesh["tokens"] == one["tokens"]
     assert mesh["logprobs"].keys() == one["logprobs"].keys()
     for key, lp in one["logprobs"].items():  # tensor-parallel sums round differently in the last bits

@@ -67,7 +67,8 @@ class KVCache:
         return self.pos.shape[1]
 
     def gather(self, rows_B: jax.Array) -> "KVCache":
-        """Reorders/duplicates batch rows (beam search keeps the cache of the beams it continues)."""
+        """Reorders/duplicates batch rows by global row number (with the rows split over devices this moves the
+        cache between them: beam search uses gather_groups)."""
         index = self.index if self.index.ndim == 0 else self.index[rows_B]
         return self.replace(k=self.k[:, rows_B], v=self.v[:, rows_B], pos=self.pos[rows_B], index=index)
 

@@ -31,8 +31,8 @@ from jax import lax
 from aigc_jax import model, sharding
 from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.config import batch_bucket, bucket
-from aigc_jax.errors import UserError
 from aigc_jax.decode.sampling import row_keys, sample, warp
+from aigc_jax.errors import UserError
 
 TOP_LOGPROBS = 5  # alternatives per token (OpenAI's limit for the completions API)
 
