@@ -13,6 +13,8 @@ Sampling draws a fresh seed per call unless `seed=` is given; `lm.last_seed` is 
 `lm.generate(prompt, temperature=0.8, seed=lm.last_seed)` reproduces a sample.
 `lm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=64)` renders the model's chat template as HF's
 apply_chat_template does and returns the assistant's reply.
+`aj.load(src, mesh="data=2,tensor=4")` decodes on a device mesh (weights and KV-cache heads split over tensor,
+prompts over data x fsdp): the same ids as one device.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from aigc_jax import compile_cache, configs, model, modeldir
 from aigc_jax import tokenizers as tok
 from aigc_jax.decode import GenerationConfig, Generator
+from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.config import as_int
 from aigc_jax.errors import UserError
 
@@ -33,9 +36,10 @@ RUNTIME_KEYS = configs.RUNTIME_KEYS  # how the weights run, not what they are: w
 class LM:
     """A model, its tokenizer (or None) and a compiled `Generator`."""
 
-    def __init__(self, config: configs.ModelConfig, params, tokenizer: tok.Tokenizer | None, parallel: str = "none"):
+    def __init__(self, config: configs.ModelConfig, params, tokenizer: tok.Tokenizer | None, parallel: str = "none",
+                 mesh=None):
         self.config, self.tokenizer = config, tokenizer
-        self.generator = Generator(config, params, mode=parallel)
+        self.generator = Generator(config, params, mode=_decode_mode(parallel, mesh), mesh=mesh)
         self.last_seed: int | None = None  # the seed of the last generate/stream call (fresh unless given)
 
     @property
@@ -127,17 +131,27 @@ class LM:
         return list(ids[:-1]) if ids and ids[-1] in eos_ids else list(ids)
 
 
+def _decode_mode(parallel: str, mesh) -> str:
+    if mesh is not None and parallel != "none":
+        raise UserError(f"--mesh splits the batch itself: drop --parallel {parallel}")
+    return "mesh" if mesh is not None else parallel
+
+
 def _is_token_id(x) -> bool:
     """An int of any kind (Python, NumPy, or a 0-d NumPy/JAX integer array): one id of a single prompt."""
     x = as_int(x)
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def load(src: str, parallel: str = "none", overrides: dict | None = None) -> LM:
+def load(src: str, parallel: str = "none", overrides: dict | None = None, mesh=None) -> LM:
     """An LM from a model dir, a training workdir, an HF GPT-2 dir, or a preset name (random weights, byte-level
     tokenizer when the vocabulary is 257: for smoke tests and timing). `overrides`: RUNTIME_KEYS only.
+    `mesh`: "data=D,fsdp=F,tensor=T" (or a sharding.make_mesh Mesh) to decode on a device mesh; None: one device
+    (or `parallel`'s data parallelism).
     Turns on JAX's persistent compilation cache (aigc_jax/compile_cache.py) so a new process reuses executables."""
     compile_cache.enable()
+    if _decode_mode(parallel, mesh) == "mesh":
+        mesh = decode_mesh.resolve(mesh)  # a bad --mesh is an error before the (slow) model load
     config, params, tokenizer = load_model(src)
     if overrides:
         unknown = sorted(set(overrides) - set(RUNTIME_KEYS))
@@ -145,7 +159,7 @@ def load(src: str, parallel: str = "none", overrides: dict | None = None) -> LM:
             allowed = ", ".join(RUNTIME_KEYS)
             raise UserError(f"cannot override {', '.join(unknown)} of a trained model; allowed: {allowed}")
         config = configs.with_overrides(config, overrides, "model.")
-    return LM(config, params, tokenizer, parallel)
+    return LM(config, params, tokenizer, parallel, mesh)
 
 
 def load_model(src: str):

@@ -14,6 +14,7 @@ the data position; since the batch for step s is a pure function of (seed, s), t
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -87,6 +88,10 @@ def _global_arrays(tree):
 
 
 def corrupt_message(directory: str, step: int, error: Exception) -> str:
+    # orbax reads leaves in concurrent coroutines; when one fails, the others are dropped un-awaited and print
+    # "Exception ignored in <coroutine>" tracebacks at garbage collection, after this one-line error. The process
+    # is about to stop with that error, so those echoes are dropped.
+    sys.unraisablehook = lambda _unraisable: None
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return (f"checkpoint {os.path.join(directory, str(step))} is unreadable or does not match this model "
             f"({first}); delete that step directory to resume from an earlier one, or use a new --workdir")

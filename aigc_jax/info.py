@@ -6,7 +6,8 @@ With --mesh or --batch-size it compiles the train step for that mesh with abstra
 materialised, so it plans models and meshes far larger than this machine (simulate devices with
 XLA_FLAGS=--xla_force_host_platform_device_count=64). It prints one JSON object: parameter count, per-device bytes
 of parameters and optimizer state as stored, and the compiled step's per-device argument / output / aliased /
-temporary bytes (`compiled.memory_analysis()`) with the peak they imply. What those figures mean for a GPU is in
+temporary bytes (`compiled.memory_analysis()`) with the peak they imply; then the same for decoding
+(`decode`: prefill and decode-loop programs, weights over tensor, KV cache over rows and heads). What those figures mean for a GPU is in
 README ("Memory you can plan with").
 """
 
@@ -26,6 +27,9 @@ def register(sub) -> None:
                    help="plan the train step on this mesh (default: every device on data)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch for the memory plan (default: devices)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step for the memory plan")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="tokens generated per prompt in the decode plan (default: seq-len / 4, prompts fill the rest)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode plan (it compiles two more programs)")
     p.add_argument("--forward", action="store_true", help="initialise random weights and run one forward pass")
     p.set_defaults(func=run)
 
@@ -35,6 +39,7 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from aigc_jax import model
+    from aigc_jax.decode import plan as decode_plan
     from aigc_jax.train import layout, optimizer
     from aigc_jax.train.cli import split_overrides
     from aigc_jax.train.config import TrainConfig
@@ -59,6 +64,14 @@ def run(args) -> int:
                                     "grad_accum": args.grad_accum, "mesh": args.mesh or ""})
         out["train"] = {"batch_size": batch, "seq_len": seq_len, "grad_accum": args.grad_accum,
                         **layout.plan(cfg, tc, optimizer.make(tc))}
+        if not args.no_decode:
+            new = max(1, seq_len // 4) if args.new_tokens is None else args.new_tokens
+            if not 1 <= new < seq_len:
+                raise UserError(f"--new-tokens must be in [1, seq-len={seq_len}), got {new}")
+            # Decoding shards weights over tensor only (DECODE_RULES) and rows over data x fsdp: same mesh, other plan.
+            out["decode"] = decode_plan.memory_report(cfg, args.mesh or f"data={jax.device_count()}",
+                                                      batch=batch // args.grad_accum, prompt_len=seq_len - new,
+                                                      new_tokens=new)
     if args.forward:
         params = model.init_params(cfg, jax.random.key(0))
         tokens = jax.random.randint(jax.random.key(1), (2, seq_len), 0, cfg.vocab_size)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import dataclasses
 import re
 import warnings
@@ -127,17 +128,19 @@ def _mesh_axes(rule) -> tuple[str, ...]:
     return () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
 
 
-def spec_for(logical: Sequence[str | None], shape: Sequence[int], rules: Mapping, mesh: Mesh,
-             where: str = "") -> P:
+def spec_for(logical: Sequence[str | None], shape: Sequence[int] | None, rules: Mapping, mesh: Mesh,
+             where: str = "", warn: bool = True) -> P:
     """The PartitionSpec of one array: each dim's logical axis through `rules`, replicated where it does not divide
-    (warned) or where an earlier dim already uses the mesh axis."""
+    (warned, unless `warn=False`) or where an earlier dim already uses the mesh axis. `shape=None`: no divisibility
+    check (for shardings fixed before the shapes are known; the caller guarantees they divide)."""
     used, out = set(), []
-    for name, size in zip(logical, shape):
+    for name, size in zip(logical, shape if shape is not None else [None] * len(logical)):
         axes = tuple(a for a in _mesh_axes(rules.get(name)) if mesh.shape.get(a, 1) > 1 and a not in used)
         n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        if axes and size % n:
-            warnings.warn(f"{where}: dimension {name} of size {size} does not divide mesh axes {axes} ({n}); "
-                          "replicated instead", stacklevel=2)
+        if axes and size is not None and size % n:
+            if warn:
+                warnings.warn(f"{where}: dimension {name} of size {size} does not divide mesh axes {axes} ({n}); "
+                              "replicated instead", stacklevel=2)
             axes = ()
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -244,17 +247,42 @@ def traced_with_rules(fn, mesh: Mesh | None, rules: Mapping | None):
     return wrapped
 
 
-def gathered(w: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+def gathered(w: jax.Array, logical: Sequence[str | None], lookup: bool = False) -> jax.Array:
     """A weight in its compute layout under the active rules: split as stored except along fsdp. FSDP stores a
-    layer's weights split and gathers them for its matmuls (XLA reduce-scatters the gradient back); without this,
-    XLA may instead split the *activations* along embed and then cannot return them to the batch split without an
-    "involuntary full rematerialization"."""
+    layer's weights split and gathers them for its matmuls; without this, XLA may instead split the *activations*
+    along embed and then cannot return them to the batch split without an "involuntary full rematerialization".
+    A matmul weight's gradient goes back to the stored layout at once (`_resharded`), so the sum over the batch
+    shards is a reduce-scatter, not an all-reduce of the whole gradient and a slice. A `lookup` table's gradient
+    (a scatter-add of activation rows) keeps the compute layout: split along embed, the scatter would need the
+    activations split along embed too, which XLA can reach only by rematerializing them whole."""
     active = _ACTIVE.get()
     if active is None:
         return w
     mesh, rules = active
-    compute = {k: tuple(a for a in _mesh_axes(v) if a != "fsdp") or None for k, v in rules.items()}
-    return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec_for(logical, w.shape, compute, mesh, "weight")))
+    compute_rules = {k: tuple(a for a in _mesh_axes(v) if a != "fsdp") or None for k, v in rules.items()}
+    compute = NamedSharding(mesh, spec_for(logical, w.shape, compute_rules, mesh, "weight"))
+    if lookup:
+        return jax.lax.with_sharding_constraint(w, compute)
+    stored = NamedSharding(mesh, spec_for(logical, w.shape, rules, mesh, "weight", warn=False))
+    return _resharded(w, compute, stored)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _resharded(w, forward: NamedSharding, backward: NamedSharding):
+    """`w` laid out as `forward`; its cotangent laid out as `backward` (with_sharding_constraint alone would give
+    the cotangent the forward layout)."""
+    return jax.lax.with_sharding_constraint(w, forward)
+
+
+def _resharded_fwd(w, forward, backward):
+    return jax.lax.with_sharding_constraint(w, forward), None
+
+
+def _resharded_bwd(forward, backward, _, g):
+    return (jax.lax.with_sharding_constraint(g, backward),)
+
+
+_resharded.defvjp(_resharded_fwd, _resharded_bwd)
 
 
 def gathering_dot(path: Sequence[str], family_axes: Mapping[str, tuple], layer_prefix: str):
@@ -275,4 +303,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical, x.shape, rules, mesh, "activation")))
+    # Activations that do not divide stay whole without a warning: a prefill of one prompt on a batch-split mesh
+    # is ordinary, and it would warn at every trace.
+    spec = spec_for(logical, x.shape, rules, mesh, "activation", warn=False)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

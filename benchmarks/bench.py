@@ -6,7 +6,7 @@
     python benchmarks/bench.py peak jax --dtype bfloat16 --opt n=8192
     python benchmarks/bench.py --cases cases.json --deadline 1767225600      # what suite.py runs
 
-A case is a dict: bench (peak | bandwidth | train | decode), impl (see IMPLS), preset, dtype, model (ModelConfig
+A case is a dict: bench (peak | bandwidth | train | plan | decode), impl (see IMPLS), preset, dtype, model (ModelConfig
 overrides), batch, seq_len / prompt_len, new_tokens, opts (keyword arguments of the harness function), label and
 section (for the report), peak_flops / peak_bw (the ceilings measured earlier in the run, for MFU and bandwidth
 fractions). A failing case prints {"ok": false, "error": ...} and the next case still runs; a case that would
@@ -32,6 +32,7 @@ IMPLS = {
     "peak": ("jax", "torch"),
     "bandwidth": ("jax",),
     "train": ("ours", "hf_eager", "hf_compile", "hf_compile_regional"),
+    "plan": ("ours",),
     "decode": ("ours", "hf_dynamic", "hf_static", "hf_static_eager"),
 }
 # The fields that identify a case in the output (the report groups and compares by them).
@@ -55,6 +56,10 @@ def run_case(case: dict) -> dict:
         return common.jax_copy_bandwidth(**opts)
 
     cfg = common.model_config(case["preset"], case.get("dtype", "float32"), case.get("model"))
+    if bench == "plan":
+        from benchmarks import train_speed
+
+        return train_speed.plan(cfg, case["batch"], case["seq_len"], **opts)
     if bench == "train":
         shape = (cfg, case["batch"], case["seq_len"])
         opts.setdefault("peak_flops", case.get("peak_flops"))
@@ -149,9 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.bench and args.impl:
         case = {"bench": args.bench, "impl": args.impl, "label": args.label, "dtype": args.dtype,
                 "opts": assignments(args.opt)}
-        if args.bench in ("train", "decode"):
+        if args.bench in ("train", "plan", "decode"):
             case.update(preset=args.preset, model=assignments(args.set), batch=args.batch)
-            case.update({"seq_len": args.seq_len} if args.bench == "train"
+            case.update({"seq_len": args.seq_len} if args.bench in ("train", "plan")
                         else {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens})
         cases = [case]
     else:

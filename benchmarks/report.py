@@ -197,6 +197,30 @@ def levers_table(records) -> list[str]:
                    "baseline compile s"], rows)
 
 
+def memory_table(records) -> list[str]:
+    """Per-device memory the planner predicts (compiled step, `aigc-jax info`) next to what a run's process used."""
+    rows = []
+    for r in records:
+        if not r.get("ok") or r.get("impl") != "ours" or r.get("bench") not in ("train", "plan"):
+            continue
+        planned = r.get("planned") or (r if r["bench"] == "plan" else None)
+        if not planned or not planned.get("step_peak_bytes"):
+            continue
+        shape = f"{r['preset']} {r['dtype']} B{r['batch']}×T{r['seq_len']}"
+        measured = r.get("process_peak_bytes") if r["bench"] == "train" else None
+        rows.append([shape, r.get("label", "baseline"), r["bench"], planned.get("mesh") or r.get("mesh", "–"),
+                     _gib(planned.get("params_bytes", 0) + planned.get("optimizer_bytes", 0)),
+                     _gib(planned.get("step_temp_bytes")), _gib(planned["step_peak_bytes"]), _gib(measured),
+                     _gib(r.get("device_bytes_limit"))])
+    return _table("Memory per device: planned vs measured", ["shape", "label", "bench", "mesh",
+                                                             "params + optimizer GiB", "planned temporaries GiB",
+                                                             "planned peak GiB", "measured process peak GiB",
+                                                             "device limit GiB"], rows,
+                  "planned = the compiled step's arguments + outputs − donated + temporaries (memory_analysis); "
+                  "measured = the device allocator's peak of the whole process (– where the backend has none); "
+                  "plan rows compile only and run nothing.")
+
+
 def data_table(records) -> list[str]:
     rows = [[r["source"], f"{r['batch']}×{r['seq_len']}", f"{r['batches_per_s']:,.1f}", f"{r['tokens_per_s']:,.0f}"]
             for r in records if r.get("bench") == "data_throughput"]
@@ -266,7 +290,7 @@ def markdown(records, title: str = "Benchmark report", targets: str | None = Non
     if suite:
         head += [f"- command: `{suite.get('command')}` ({suite.get('wall_s', 0):.0f} s)"]
     lines = head + environment_lines(records) + targets_table(records, targets) + ceilings_table(records) + \
-        train_table(records) + decode_table(records) + levers_table(records) + data_table(records) + problems(records)
+        train_table(records) + decode_table(records) + levers_table(records) + memory_table(records) + data_table(records) + problems(records)
     return "\n".join(lines)
 
 

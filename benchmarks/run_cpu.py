@@ -9,6 +9,10 @@ main:   `baby` (6 layers, d=384, vocab 257) training B8×T256, ours vs HF eager 
         cases for `llama-baby` (6 layers, d=384, 6 heads / 2 KV heads, SwiGLU 1024) vs HF's LlamaForCausalLM.
 data:   the input pipeline (benchmarks/data_throughput.py) on the embedded default corpus.
 levers: ours with scan_layers, remat=dots, unpadded vocab, donation off, shard_map (decoding always runs unrolled layers).
+mesh:   (optional: `--sections mesh`) 8 simulated CPU devices in one process: `baby` training B16×T256 on
+        data=8 (pmap, the default layout) vs data=2,fsdp=2,tensor=2 and fsdp=8 (global-view jit). Informative only:
+        the 8 "devices" share 2 cores, so collectives cost memory copies, not network time, and nothing here
+        predicts a GPU's scaling; it shows the sharded step runs and what its overhead is on a CPU.
 flags:  (optional: `--sections flags`) XLA CPU flags, one process each, train + decode batch 1.
 
 Writes benchmarks/results/cpu-<time>/{results.jsonl, log.txt, report.md, *.png}; prints the report last.
@@ -83,6 +87,12 @@ def build(quick: bool = False) -> list[Group]:
             lever("train", "no donation", opts={"donate": False}),
             lever("train", "shard_map", opts={"mode": "shard_map"}),
         ]),
+        Group("ours-mesh", "mesh", 240, [
+            case("train", "ours", **{**train, "batch": 16 if not quick else 8, "label": label,
+                                     "opts": {**train["opts"], "mode": mode, "mesh": mesh}})
+            for label, mode, mesh in (("baseline", "pmap", "data=8"), ("mesh 2,2,2", "mesh", "data=2,fsdp=2,tensor=2"),
+                                      ("mesh fsdp=8", "mesh", "fsdp=8"))],
+              xla_flags="--xla_force_host_platform_device_count=8", optional=True),
         *flag_groups(XLA_FLAG_VARIANTS, lambda label: [lever("train", label), lever("decode", label)], 90,
                      optional=True, baseline=True),
     ]

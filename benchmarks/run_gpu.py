@@ -19,6 +19,9 @@ its worker did not reach, are recorded as skipped, saying so):
   llama    (optional: `--sections llama`) a Llama-3.2-1B-shaped model (random weights, bf16): train B8×T1024 ours
            vs HF eager vs HF torch.compile; decode prompt 16 + 256 new at batch 1 and 64, ours vs HF dynamic /
            static cache.
+  sharded  (optional, `--sections sharded`) the (data, fsdp, tensor) layout at fsdp=1 on one device: step time
+           next to the data layout (124M, XL), the planner's per-device memory vs the process's peak (XL) and
+           the plan for Llama-3-8B at fsdp=1 (then its run, expected to run out of memory).
   serve    (optional, `--sections serve`) GPT-2 124M behind `aigc-jax serve` vs `transformers serve
            --continuous-batching`: output tokens/s, TTFT and inter-token latency at concurrency 1, 8, 32.
 
@@ -106,6 +109,22 @@ def build(quick: bool = False) -> list[Group]:
                                            dec("hf_dynamic", 1, preset=llama), dec("hf_static", 1, preset=llama),
                                            dec("hf_static", 64, preset=llama)], optional=True),
     ]
+    # Sharded steps on one H200 (optional: `--sections sharded`): one device cannot show FSDP speed, so this records
+    # (a) the mesh layout's step time at fsdp=1 next to the default data layout's (the levers table, same run: they
+    # should agree within ~3%) and (b) per-device memory: the planner's prediction vs the process's device peak, for
+    # GPT-2 XL and the largest preset (Llama-3-8B: its plan says whether it fits one device at all; the run that
+    # follows is expected to run out of memory at fsdp=1, and its error is recorded).
+    big = "llama-tiny" if quick else "llama-3-8b"
+    big_shape = dict(preset=big, **bf16, batch=1 if quick else 2, seq_len=32 if quick else 1024,
+                     model={"scan_layers": True, "remat": "full"}, opts={"warmup": 1, "windows": 2, "steps_per_window": 2})
+    mesh1 = {"mode": "mesh"}
+    groups.append(Group("ours-sharded", "sharded", 240, [
+        lever("mesh fsdp=1", opts=mesh1),
+        case("train", "ours", **{**train_xl, "label": "mesh fsdp=1", "opts": {**train_xl["opts"], **mesh1}}),
+        case("plan", "ours", **{k: v for k, v in train_xl.items() if k != "opts"}, opts={"mesh": "fsdp=1"}),
+        case("plan", "ours", **{k: v for k, v in big_shape.items() if k != "opts"}, opts={"mesh": "fsdp=1"}),
+        case("train", "ours", **{**big_shape, "label": "mesh fsdp=1", "opts": {**big_shape["opts"], **mesh1}}),
+    ], optional=True))
     groups += flag_groups(XLA_FLAG_VARIANTS, lambda label: [lever(label), dec("ours", 1, label)], 60)
     groups.append(data_group(30, "--synthetic", "100000000", "--seconds", "1", "--shapes", "16x1024,64x1024,256x1024"))
     # Serving GPT-2 124M, ours vs `transformers serve --continuous-batching` (optional: `--sections serve`).

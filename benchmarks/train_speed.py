@@ -1,5 +1,7 @@
-"""Our training speed: the training loop's own step (aigc_jax.train.step.train_step, wrapped by parallel.wrap with
-the state donated, exactly as aigc_jax/train/loop.py does) on one device and a fixed synthetic batch.
+"""Our training speed: the training loop's own step, compiled by its Layout (aigc_jax/train/layout.py) exactly as
+aigc_jax/train/loop.py does (state created where it lives, donated), on a fixed synthetic batch. `mode` and `mesh`
+are the loop's --parallel and --mesh: the default is every device on data (pmap), `mode="mesh"` the global-view
+jit on a (data, fsdp, tensor) mesh, which on one device is the fsdp=1 case of the sharded step.
 
 Measured: compile time (lower + compile, ahead of time), step time (median over windows of back-to-back steps,
 each window ending in a device sync, so dispatch overlaps as in the loop), tokens/s, MFU against the matmul peak
@@ -10,44 +12,40 @@ reports one).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 
 from benchmarks import common
 
 
-def measure(cfg, batch: int, seq_len: int, *, mode: str = "pmap", donate: bool = True, warmup: int = 2,
-            windows: int = 5, steps_per_window: int = 3, peak_flops: float | None = None, seed: int = 0) -> dict:
+def measure(cfg, batch: int, seq_len: int, *, mode: str = "pmap", mesh: str = "", donate: bool = True,
+            warmup: int = 2, windows: int = 5, steps_per_window: int = 3, peak_flops: float | None = None,
+            seed: int = 0) -> dict:
     """Times `train_step` for model config `cfg` on a [batch, seq_len] batch. Returns a flat dict of results."""
     import jax
     import numpy as np
 
-    from aigc_jax import parallel
-    from aigc_jax.model import init_params
     from aigc_jax.train import optimizer as optim
     from aigc_jax.train.config import TrainConfig
+    from aigc_jax.train.layout import Layout, memory_plan
     from aigc_jax.train.metrics import peak_flops_per_device
-    from aigc_jax.train.step import init_state, train_step
 
-    tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, steps=100_000, warmup_steps=10, parallel=mode,
+    tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, steps=100_000, warmup_steps=10, parallel=mode, mesh=mesh,
                        progress=False)
     optimizer = optim.make(tcfg)
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.jit(lambda: init_state(init_params(cfg, jax.random.key(seed)), optimizer, seed),
-                    out_shardings=replicated)()
+    layout = Layout.resolve(tcfg, cfg)
+    abstract, _ = layout.abstract_state(optimizer, seed, cfg)
+    state, shardings = layout.initial_state(None, optimizer, seed, cfg)
     rows = {"tokens": common.synthetic_tokens(batch, seq_len + 1, cfg.vocab_size, seed),
             "loss_mask": np.ones((batch, seq_len), np.float32)}
-    batch_dev = parallel.shard_batch(rows, mode, mesh)
-    step_fn = parallel.wrap(
-        functools.partial(train_step, model_config=cfg, train_config=tcfg, optimizer=optimizer),
-        mode, mesh, ("rep", "data"), ("rep", "rep"), donate_argnums=(0,) if donate else (),
-    )
+    batch_dev = layout.place(rows)
+    step_fn = layout.train_step(shardings, donate=donate, model_config=cfg, train_config=tcfg, optimizer=optimizer)
 
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch_dev).compile()
     compile_s = time.perf_counter() - start
+    # What the planner (`aigc-jax info`) reports for this step, before it runs: compare with process_peak_bytes.
+    plan = memory_plan(compiled, abstract)
 
     metrics = None
 
@@ -69,7 +67,6 @@ def measure(cfg, batch: int, seq_len: int, *, mode: str = "pmap", donate: bool =
     tokens_per_s = batch * seq_len / step["median"]
     flops_tok = common.flops_per_token(cfg, seq_len)
     datasheet = peak_flops_per_device()
-    mem = compiled.memory_analysis()
     xla_flops = _xla_flops(compiled)
     return {
         "step_ms": 1000 * step["median"],
@@ -83,12 +80,14 @@ def measure(cfg, batch: int, seq_len: int, *, mode: str = "pmap", donate: bool =
         "achieved_tflops": tokens_per_s * flops_tok / 1e12,
         "mfu": tokens_per_s * flops_tok / peak_flops if peak_flops else None,
         "mfu_datasheet": tokens_per_s * flops_tok / datasheet if datasheet else None,
-        "compiled_bytes": (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                           - mem.alias_size_in_bytes) if mem is not None else None,
+        "compiled_bytes": plan.get("step_peak_bytes"),
+        "planned": plan,
         "process_peak_bytes": common.jax_memory_peak(),
         "params": common.param_count(cfg),
         "loss": loss,
-        "parallel": mode,
+        "parallel": layout.mode,
+        "mesh": str(layout.shape),
+        "devices": layout.shape.size,
         "donate": donate,
         **common.jax_device_info(),
     }
@@ -102,3 +101,20 @@ def _xla_flops(compiled) -> float | None:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def plan(cfg, batch: int, seq_len: int, *, mesh: str = "", grad_accum: int = 1) -> dict:
+    """The planner's per-device memory for the train step (`aigc-jax info`): compiled with abstract inputs, nothing
+    materialised, so it answers for models that do not fit. Recorded next to a run's process_peak_bytes."""
+    import jax
+
+    from aigc_jax.train import layout
+    from aigc_jax.train import optimizer as optim
+    from aigc_jax.train.config import TrainConfig
+
+    tcfg = TrainConfig(batch_size=batch, seq_len=seq_len, grad_accum=grad_accum, mesh=mesh, progress=False)
+    start = time.perf_counter()
+    out = layout.plan(cfg, tcfg, optim.make(tcfg))
+    stats = jax.devices()[0].memory_stats() or {}
+    return {**out, "compile_s": time.perf_counter() - start, "params": common.param_count(cfg),
+            "device_bytes_limit": stats.get("bytes_limit"), **common.jax_device_info()}

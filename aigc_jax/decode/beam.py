@@ -45,13 +45,14 @@ def init(cache: KVCache, logits_BxV, next_pos_B, row_ids_B, knobs: Knobs, strate
     """State after the prefill of B prompts; selects the first token. Filler rows (row_id < 0) start done."""
     nb = strategy.num_beams
     B = logits_BxV.shape[0]
-    rows_R = jnp.repeat(jnp.arange(B), nb)
+    # Each prompt's row, nb times over (rows stay in their prompt's group: local when the batch is split).
+    repeat = lambda x: jnp.repeat(x, nb, axis=0, total_repeat_length=B * nb)
     # Beams 1.. start at -1e9 so that the first step expands only beam 0 (all beams are the same prompt).
     scores_BxNb = jnp.where(jnp.arange(nb) == 0, 0.0, PENALTY) * jnp.ones((B, 1), jnp.float32)
     tokens = jnp.full((B, nb, n_tokens), knobs.pad_id, jnp.int32)
     state = BeamState(
-        cache=cache.gather(rows_R),
-        next_pos_R=next_pos_B[rows_R],
+        cache=cache.gather_groups(jnp.zeros((B, nb), jnp.int32)),
+        next_pos_R=repeat(next_pos_B),
         running_BxNbxN=tokens,
         running_scores_BxNb=scores_BxNb,
         finished_BxNbxN=tokens,
@@ -60,7 +61,7 @@ def init(cache: KVCache, logits_BxV, next_pos_B, row_ids_B, knobs: Knobs, strate
         improvable_B=row_ids_B >= 0,
         step=jnp.zeros((), jnp.int32),
     )
-    return select(state, logits_BxV[rows_R], knobs, strategy)
+    return select(state, repeat(logits_BxV), knobs, strategy)
 
 
 def last_tokens(state: BeamState) -> jax.Array:
@@ -127,9 +128,8 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
     )
     improvable_B = state.improvable_B & jnp.any(best_running_B[:, None] > worst_finished_BxNb, axis=1)
 
-    rows_R = (jnp.arange(B)[:, None] * nb + parent_BxNb).reshape(B * nb)
     return state.replace(
-        cache=state.cache.gather(rows_R),
+        cache=state.cache.gather_groups(parent_BxNb),
         running_BxNbxN=running_BxNbxN,
         running_scores_BxNb=running_scores_BxNb,
         finished_BxNbxN=finished_BxNbxN,

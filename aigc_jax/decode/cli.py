@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--chunk", type=int, default=16, help="tokens per streamed chunk")
     p.add_argument("--parallel", default="none", choices=["none", "pmap", "shard_map"],
                    help="split the batch of prompts over all devices")
+    p.add_argument("--mesh", metavar="data=D,fsdp=F,tensor=T",
+                   help="decode on a device mesh: weights and KV-cache heads split over tensor, prompts over "
+                   "data x fsdp (omitted axes = 1; the product must equal the device count)")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a runtime model key: dtype, attention, scan_layers (repeatable)")
     p.set_defaults(func=run)
@@ -136,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from aigc_jax.decode import GenerationConfig
 
     GenerationConfig(**knobs).check(n_positions=2**31 - 1, vocab_size=2**31 - 1)
-    lm = api.load(args.model, parallel=args.parallel, overrides=configs.parse_assignments(args.set))
+    lm = api.load(args.model, parallel=args.parallel, overrides=configs.parse_assignments(args.set), mesh=args.mesh)
     if lm.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt) to encode text")
     if args.no_eos:

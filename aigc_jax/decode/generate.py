@@ -1,4 +1,5 @@
-"""Prefill + on-device decode loop, single-device or data-parallel, compiled once per shape bucket.
+"""Prefill + on-device decode loop, single-device, data-parallel or on a (data, fsdp, tensor) mesh, compiled once
+per shape bucket.
 
     prompts ─▶ left-pad to bucket P ─▶ prefill (one call, fills the KV cache, picks token 0)
             ─▶ lax.while_loop { feed latest token ─▶ logits ─▶ pick next token }  until max_new_tokens or all done
@@ -6,7 +7,8 @@
 
 The loop state is a `flax.struct.dataclass` (`SampleState` here, `beam.BeamState` for beams) advanced by pure
 functions, so the same `Program` runs under `jax.jit`, under `jax.pmap` and under `jax.jit(jax.shard_map)`
-(`parallel.wrap`), or step by step in plain Python (`Generator(..., debug=True)`: no jit, every array inspectable).
+(`parallel.wrap`), as a global-view jit on a mesh (`mode="mesh"`, tensor-parallel weights: decode/mesh.py), or
+step by step in plain Python (`Generator(..., debug=True)`: no jit, every array inspectable).
 Rows never interact, and each row samples with its own key (seed, global row index, step), so a row's output
 does not depend on the batch it is in or on the number of devices.
 
@@ -25,14 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from aigc_jax import configs, model, parallel
+from aigc_jax import configs, model, parallel, sharding
 from aigc_jax.configs import ModelConfig
 from aigc_jax.decode import beam
+from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.config import GenerationConfig, Strategy, batch_bucket, bucket
 from aigc_jax.decode.sampling import Knobs, make_knobs, row_keys, sample, suppress_eos, warp
 from aigc_jax.errors import UserError
 
-MODES = ("none", *parallel.MODES)
+MODES = ("none", *parallel.MODES, "mesh")
 
 
 # ------------------------------------------------------------------------------------------------ greedy & sampling
@@ -80,20 +83,22 @@ def _sample_last_tokens(state: SampleState):
 
 
 class _Search:
-    """The five functions a decoding strategy provides to the shared loop."""
+    """The five functions a decoding strategy provides to the shared loop, and the class of its state."""
 
-    def __init__(self, init, select, last_tokens, done, result):
+    def __init__(self, state, init, select, last_tokens, done, result):
+        self.state = state
         self.init, self.select, self.last_tokens, self.done, self.result = init, select, last_tokens, done, result
 
 
 _SAMPLE = _Search(
+    state=SampleState,
     init=_sample_init,
     select=_sample_select,
     last_tokens=_sample_last_tokens,
     done=lambda state, knobs: state.finished_B,
     result=lambda state: (state.tokens_BxN, jnp.zeros(state.tokens_BxN.shape[0], jnp.float32)),
 )
-_BEAM = _Search(beam.init, beam.select, beam.last_tokens, beam.done, beam.result)
+_BEAM = _Search(beam.BeamState, beam.init, beam.select, beam.last_tokens, beam.done, beam.result)
 
 
 # ------------------------------------------------------------------------------------------------ per-device program
@@ -182,17 +187,25 @@ def _unpack(state):
 # ------------------------------------------------------------------------------------------------ host side
 
 
-def for_decoding(config: ModelConfig, params, cast_params: bool = True):
-    """(config, params) as every decoder (this Generator, the serving engine) runs them."""
+def decoding_config(config: ModelConfig, cast_params: bool = True) -> ModelConfig:
+    """The config every decoder runs (see for_decoding)."""
     # Decoding runs the unrolled layer layout: with scanned layers every token slices each layer's weights
     # and cache out of the stacked arrays (measured 2x slower on CPU).
     config = configs.resolve_dtype(config.replace(scan_layers=False))
-    params = model.match_layout(params, config)
-    if cast_params and config.param_dtype != config.dtype:
+    if cast_params:
         # Serving needs no fp32 master weights: weights in the compute dtype halve the bytes each token reads
         # (Dense and Embed cast them to that dtype before use anyway).
-        params = jax.tree.map(lambda x: x.astype(config.dtype), params)
         config = config.replace(param_dtype=config.dtype)
+    return config
+
+
+def for_decoding(config: ModelConfig, params, cast_params: bool = True):
+    """(config, params) as every decoder (this Generator, the serving engine) runs them."""
+    before = configs.resolve_dtype(config).param_dtype
+    config = decoding_config(config, cast_params)
+    params = model.match_layout(params, config)
+    if config.param_dtype != before:
+        params = jax.tree.map(lambda x: x.astype(config.param_dtype), params)
     return config, params
 
 # Compiled programs, shared by every Generator: params are arguments, not constants, so loading the same model
@@ -204,7 +217,10 @@ class Generator:
     """Compiled decoding for one model. Executables are cached per (config, strategy, batch bucket, P, N), see
     config.py, and shared with other Generators.
 
-    mode: "none" (one device, jax.jit), "pmap" or "shard_map" (the batch split over `mesh`'s devices, see parallel.py).
+    mode: "none" (one device, jax.jit), "pmap" or "shard_map" (the batch split over `mesh`'s devices, see
+    parallel.py), or "mesh": weights tensor-parallel and the KV cache split over heads and rows on a (data, fsdp,
+    tensor) mesh (decode/mesh.py); `mesh` is then a sharding.make_mesh Mesh, a MeshShape or a
+    "data=D,fsdp=F,tensor=T" string (None: every device on data).
     debug: no jit at all; the loop runs in plain Python (single device only).
     """
 
@@ -217,13 +233,20 @@ class Generator:
         config, params = for_decoding(config, params, cast_params)
         self.config, self.mode, self.debug = config, mode, debug
         self.params = params
+        self.row_multiple = 1  # batches are padded to a multiple of the devices the rows are split over
         if mode == "none":
             self.mesh, self.n_devices = None, 1
+        elif mode == "mesh":
+            self.mesh = decode_mesh.resolve(mesh)
+            decode_mesh.check_model(config, self.mesh)
+            self.n_devices, self.row_multiple = self.mesh.size, decode_mesh.row_split(self.mesh)
+            self.param_shardings = decode_mesh.param_shardings(config, params, self.mesh)
+            self.params = jax.device_put(params, self.param_shardings)
         else:
             if jax.process_count() > 1:
                 raise UserError("decoding splits the batch over one host's devices; run generate on a single host")
             self.mesh = mesh if mesh is not None else parallel.make_mesh()
-            self.n_devices = parallel.local_device_count(self.mesh)
+            self.n_devices = self.row_multiple = parallel.local_device_count(self.mesh)
             if mode == "shard_map":  # placed once, not per call
                 self.params = parallel.replicate(self.params, self.mesh)
         self._used: set[tuple] = set()
@@ -231,8 +254,7 @@ class Generator:
     # -- compilation -------------------------------------------------------------------------------------------
 
     def _compiled(self, strategy: Strategy, n_tokens: int) -> tuple[Program, dict[str, Callable]]:
-        devices = None if self.mesh is None else tuple(d.id for d in self.mesh.devices.flat)
-        key = (self.config, strategy, n_tokens, self.mode, devices, self.debug)
+        key = (self.config, strategy, n_tokens, self.mode, decode_mesh.key(self.mesh), self.debug)
         if key not in _PROGRAMS:
             program = Program(self.config, strategy, n_tokens, loop=_python_while if self.debug else lax.while_loop)
             _PROGRAMS[key] = (program, self._wrap(program))
@@ -249,6 +271,8 @@ class Generator:
                 "prefill": jax.jit(fns["prefill"]),
                 "run": jax.jit(fns["run"], donate_argnums=(1,)),
             }
+        if self.mode == "mesh":
+            return mesh_programs(program, self.mesh, self.param_shardings)
         wrap = lambda fn, in_specs, donate=(): parallel.wrap(fn, self.mode, self.mesh, in_specs, "data", donate)
         batch_in = ("rep", "data", "data", "data", "rep")
         return {
@@ -278,7 +302,7 @@ class Generator:
         P = bucket(max(map(len, prompts)), cfg.n_positions)
         N = bucket(gen.max_new_tokens, cfg.n_positions)
         B = len(prompts)
-        rows = batch_bucket(B, self.n_devices)
+        rows = batch_bucket(B, self.row_multiple)
         tokens_BxP = np.full((rows, P), gen.pad, np.int32)
         mask_BxP = np.zeros((rows, P), bool)
         mask_BxP[B:, -1] = True  # filler rows: one pad token, and they start finished
@@ -287,13 +311,15 @@ class Generator:
             mask_BxP[i, P - len(p):] = True
         row_ids_B = np.where(np.arange(rows) < B, np.arange(rows), -1).astype(np.int32)
         batch = (tokens_BxP, mask_BxP, row_ids_B)
-        if self.mode != "none":
+        if self.mode == "mesh":
+            batch = jax.device_put(batch, sharding.batch_sharding(self.mesh))
+        elif self.mode != "none":
             batch = parallel.shard_batch(batch, self.mode, self.mesh)
         _, fns = self._compiled(strategy, N)
         return fns, batch, make_knobs(gen, N), B
 
     def _rows(self, x) -> np.ndarray:
-        return np.asarray(x) if self.mode == "none" else parallel.gather_rows(x, self.mode)
+        return np.asarray(x) if self.mode in ("none", "mesh") else parallel.gather_rows(x, self.mode)
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -338,6 +364,17 @@ class Generator:
             if stop >= gen.max_new_tokens or all(done):
                 return
 
+    def lower(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig, program: str = "generate"):
+        """The `jax.stages.Lowered` of one of this batch's programs: "generate" (prefill + loop), "prefill" or "run"
+        (the decode loop alone), e.g. to read its compiled HLO (`.compile().as_text()`) or memory_analysis()."""
+        if self.debug:
+            raise UserError("the debug decode path is not compiled: there is nothing to lower")
+        fns, batch, knobs, _ = self._prepare(prompts, gen)
+        if program == "run":
+            state = jax.eval_shape(fns["prefill"], self.params, *batch, knobs)
+            return fns["run"].lower(self.params, state, knobs, np.int32(gen.max_new_tokens))
+        return fns[program].lower(self.params, *batch, knobs)
+
     def compiled_call(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> Callable:
         """For timing: `f(max_new_tokens=None) -> ids on device` with the batch and knobs already on device (call
         `.block_until_ready()` on the result). Any max_new_tokens in gen's bucket reuses the executable."""
@@ -352,10 +389,24 @@ class Generator:
             n = max_new_tokens or gen.max_new_tokens
             if n not in placed:
                 k = make_knobs(gen.replace(max_new_tokens=n), n_bucket)
-                placed[n] = parallel.replicate(k, self.mesh) if self.mode == "shard_map" else jax.device_put(k)
+                placed[n] = (parallel.replicate(k, self.mesh) if self.mode in ("shard_map", "mesh")
+                             else jax.device_put(k))
             return fns["generate"](self.params, *batch, placed[n])[0]
 
         return call
+
+
+def mesh_programs(program: Program, mesh, param_shardings) -> dict[str, Callable]:
+    """`program`'s calls as global-view jits on a (data, fsdp, tensor) mesh: prompts, outputs and the loop state
+    split over rows, the cache also over heads, knobs replicated; the state is handed on (and donated) whole."""
+    rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    state = decode_mesh.state_shardings(program.search.state, mesh)
+    batch_in = (param_shardings, rows, rows, rows, rep)
+    return {
+        "generate": decode_mesh.jit(program.generate, mesh, batch_in, (rows, rows)),
+        "prefill": decode_mesh.jit(program.prefill, mesh, batch_in, state),
+        "run": decode_mesh.jit(program.run, mesh, (param_shardings, state, rep, rep), state, donate_argnums=(1,)),
+    }
 
 
 def trim(ids, eos_ids: Sequence[int]) -> list[int]:

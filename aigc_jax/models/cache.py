@@ -17,6 +17,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from aigc_jax.configs import compute_dtype
+from aigc_jax.sharding import constrain
+
+# Logical axes of the cache's arrays (sharding.py maps them to mesh axes): rows over the batch axes, keys and values
+# over their heads (tensor parallelism keeps a head's attention on one device), slots whole.
+K_AXES = ("layers", "batch", "kv_heads", "head_dim", None)
+V_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
+POS_AXES = ("batch", None)
 
 
 @flax.struct.dataclass
@@ -42,21 +49,43 @@ class KVCache:
         max_len = max_len or config.n_positions
         L, B, H, D = config.n_layer, batch_size, config.n_kv_head, config.head_dim
         dtype = jnp.dtype(dtype) if dtype is not None else compute_dtype(config)
+        # Created in place on a mesh (constrain is a no-op without active rules): never whole on one device.
         return cls(
-            k=jnp.zeros((L, B, H, D, max_len), dtype),
-            v=jnp.zeros((L, B, H, max_len, D), dtype),
-            pos=jnp.full((B, max_len), -1, jnp.int32),
+            k=constrain(jnp.zeros((L, B, H, D, max_len), dtype), K_AXES),
+            v=constrain(jnp.zeros((L, B, H, max_len, D), dtype), V_AXES),
+            pos=constrain(jnp.full((B, max_len), -1, jnp.int32), POS_AXES),
             index=jnp.zeros((B,) if per_row else (), jnp.int32),
         )
+
+    @staticmethod
+    def logical_axes(per_row: bool = False) -> "KVCache":
+        """The logical axes of each field, as a KVCache of tuples (for shardings of a cache crossing a jit)."""
+        return KVCache(k=K_AXES, v=V_AXES, pos=POS_AXES, index=("batch",) if per_row else ())
 
     @property
     def max_len(self) -> int:
         return self.pos.shape[1]
 
     def gather(self, rows_B: jax.Array) -> "KVCache":
-        """Reorders/duplicates batch rows (beam search keeps the cache of the beams it continues)."""
+        """Reorders/duplicates batch rows by global row number (with the rows split over devices this moves the
+        cache between them: beam search uses gather_groups)."""
         index = self.index if self.index.ndim == 0 else self.index[rows_B]
         return self.replace(k=self.k[:, rows_B], v=self.v[:, rows_B], pos=self.pos[rows_B], index=index)
+
+    def gather_groups(self, idx_GxJ: jax.Array) -> "KVCache":
+        """Rows in G contiguous groups (rows = G * R): new row g*J + j is old row g*R + idx[g, j]. Beam search
+        reorders (R = J = beams) or repeats (R = 1) the rows of each prompt this way: with the rows split over
+        devices, every group stays on its device, so the reorder is local where `gather` would move the cache."""
+        G, J = idx_GxJ.shape
+
+        def take(x, axis):
+            grouped = x.reshape(*x.shape[:axis], G, x.shape[axis] // G, *x.shape[axis + 1:])
+            idx = idx_GxJ.reshape((1,) * axis + (G, J) + (1,) * (x.ndim - axis - 1))
+            out = jnp.take_along_axis(grouped, idx, axis=axis + 1, mode="clip")
+            return out.reshape(*x.shape[:axis], G * J, *x.shape[axis + 1:])
+
+        index = self.index if self.index.ndim == 0 else take(self.index, 0)
+        return self.replace(k=take(self.k, 1), v=take(self.v, 1), pos=take(self.pos, 0), index=index)
 
     def with_positions(self, positions_BxT: jax.Array, mask_BxT: jax.Array | None) -> "KVCache":
         """Records the positions of T new tokens at slots [index, index + T) (padding, mask False, stays -1)."""

@@ -172,8 +172,8 @@ class Decoder(nn.Module):
 
         positions_BxT = layers.default_positions(tokens_BxT, positions_BxT, cache)
         # The lookup and the tied head read the table in its compute layout (split over tensor, whole over fsdp).
-        table_VxD = gathered(wte.embedding, PARAM_AXES["wte/embedding"]).astype(dtype)
-        positions_PxD = gathered(wpe.embedding, PARAM_AXES["wpe/embedding"]).astype(dtype)
+        table_VxD = gathered(wte.embedding, PARAM_AXES["wte/embedding"], lookup=True).astype(dtype)
+        positions_PxD = gathered(wpe.embedding, PARAM_AXES["wpe/embedding"], lookup=True).astype(dtype)
         x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0) + jnp.take(positions_PxD, positions_BxT, axis=0)
         x_BxTxD = constrain(x_BxTxD, ("batch", None, None))
         x_BxTxD = layers.row_dropout(self, x_BxTxD, cfg.dropout, rows_B, not train)

@@ -29,6 +29,7 @@ from aigc_jax.attention import attention, resolve_backend
 from aigc_jax.configs import LlamaConfig, compute_dtype
 from aigc_jax.models import layers
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
+from aigc_jax.sharding import constrain, gathered, gathering_dot
 
 LAYER_PREFIX = "layers"  # layers_0, layers_1, … (unrolled) or one stacked "layers" (scan_layers)
 
@@ -103,9 +104,12 @@ class RMSNorm(nn.Module):
         return scale.astype(dtype) * normed.astype(dtype)
 
 
-def _dense(config: LlamaConfig, features, name: str, bias: bool, axis=-1) -> nn.DenseGeneral:
+def _dense(parent: nn.Module, features, name: str, bias: bool, axis=-1) -> nn.DenseGeneral:
+    config = parent.config
+    # On a mesh the kernel is gathered over fsdp for the matmul (aigc_jax/sharding.py); a no-op otherwise.
     return nn.DenseGeneral(features, axis=axis, use_bias=bias, dtype=compute_dtype(config),
-                           param_dtype=jnp.dtype(config.param_dtype), kernel_init=_INIT, name=name)
+                           param_dtype=jnp.dtype(config.param_dtype), kernel_init=_INIT, name=name,
+                           dot_general=gathering_dot([*parent.scope.path, name], PARAM_AXES, LAYER_PREFIX))
 
 
 class Attention(nn.Module):
@@ -118,9 +122,12 @@ class Attention(nn.Module):
     def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, rope, cache_index, rows_B):
         cfg = self.config
         H, Hkv, Dh = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        q_BxTxHxD = _dense(cfg, (H, Dh), "q_proj", cfg.qkv_bias)(h_BxTxD)
-        k_BxTxHxD = _dense(cfg, (Hkv, Dh), "k_proj", cfg.qkv_bias)(h_BxTxD)
-        v_BxTxHxD = _dense(cfg, (Hkv, Dh), "v_proj", cfg.qkv_bias)(h_BxTxD)
+        # Column-parallel projections: each tensor shard computes whole heads (and their KV heads).
+        q_BxTxHxD = constrain(_dense(self, (H, Dh), "q_proj", cfg.qkv_bias)(h_BxTxD), ("batch", None, "heads", None))
+        k_BxTxHxD = constrain(_dense(self, (Hkv, Dh), "k_proj", cfg.qkv_bias)(h_BxTxD),
+                              ("batch", None, "kv_heads", None))
+        v_BxTxHxD = constrain(_dense(self, (Hkv, Dh), "v_proj", cfg.qkv_bias)(h_BxTxD),
+                              ("batch", None, "kv_heads", None))
         q_BxTxHxD, k_BxTxHxD = apply_rope(q_BxTxHxD, *rope), apply_rope(k_BxTxHxD, *rope)
         k_BxHxDxT, v_BxHxTxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
         new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, cache_index, q_BxTxHxD.dtype)
@@ -128,7 +135,7 @@ class Attention(nn.Module):
         o_BxTxHxD = attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, backend=self.backend, dropout_rate=rate,
                               dropout_rng=self.make_rng("dropout") if rate > 0 else None, window=self.window,
                               rows_B=rows_B)
-        return _dense(cfg, cfg.n_embd, "o_proj", cfg.o_bias, axis=(-2, -1))(o_BxTxHxD), new_kv
+        return _dense(self, cfg.n_embd, "o_proj", cfg.o_bias, axis=(-2, -1))(o_BxTxHxD), new_kv
 
 
 class MLP(nn.Module):
@@ -137,9 +144,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxD):
         cfg = self.config
-        gate_BxTxF = _dense(cfg, cfg.n_inner, "gate_proj", cfg.mlp_bias)(h_BxTxD)
-        up_BxTxF = _dense(cfg, cfg.n_inner, "up_proj", cfg.mlp_bias)(h_BxTxD)
-        return _dense(cfg, cfg.n_embd, "down_proj", cfg.mlp_bias)(jax.nn.silu(gate_BxTxF) * up_BxTxF)
+        gate_BxTxF = _dense(self, cfg.n_inner, "gate_proj", cfg.mlp_bias)(h_BxTxD)
+        up_BxTxF = _dense(self, cfg.n_inner, "up_proj", cfg.mlp_bias)(h_BxTxD)
+        hidden_BxTxF = constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF, ("batch", None, "mlp"))
+        return _dense(self, cfg.n_embd, "down_proj", cfg.mlp_bias)(hidden_BxTxF)
 
 
 class Block(nn.Module):
@@ -161,7 +169,7 @@ class Block(nn.Module):
         )
         x_BxTxD = x_BxTxD + drop(a_BxTxD)
         x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)))
-        return x_BxTxD, new_kv
+        return constrain(x_BxTxD, ("batch", None, None)), new_kv
 
 
 class LMHead(nn.Module):
@@ -192,7 +200,10 @@ class Decoder(nn.Module):
         embed = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
                          embedding_init=_INIT, name="embed_tokens")
         positions_BxT = layers.default_positions(tokens_BxT, positions_BxT, cache)
-        x_BxTxD = layers.row_dropout(self, embed(tokens_BxT), cfg.dropout, rows_B, not train)
+        # The lookup and a tied head read the table in its compute layout (split over tensor, whole over fsdp).
+        table_VxD = gathered(embed.embedding, PARAM_AXES["embed_tokens/embedding"], lookup=True).astype(dtype)
+        x_BxTxD = constrain(jnp.take(table_VxD, tokens_BxT, axis=0), ("batch", None, None))
+        x_BxTxD = layers.row_dropout(self, x_BxTxD, cfg.dropout, rows_B, not train)
 
         kv, start = None, None
         if cache is not None:
@@ -210,11 +221,12 @@ class Decoder(nn.Module):
                                         layer_args=lambda i: (cfg.windows[i],), rows_B=rows_B)
 
         x_BxTxD = RMSNorm(cfg, name="norm")(x_BxTxD)
-        head_DxV = embed.embedding.T if cfg.tie_word_embeddings else LMHead(cfg, name="lm_head")()
+        head_DxV = table_VxD.T if cfg.tie_word_embeddings else gathered(LMHead(cfg, name="lm_head")(),
+                                                                         PARAM_AXES["lm_head/kernel"])
         # fp32 accumulation and output even when activations are bf16.
         logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD.astype(dtype), head_DxV.astype(dtype),
                                   preferred_element_type=jnp.float32)
-        logits_BxTxV = layers.mask_padded_vocab(logits_BxTxV, cfg.vocab_size)
+        logits_BxTxV = layers.mask_padded_vocab(constrain(logits_BxTxV, ("batch", None, "vocab")), cfg.vocab_size)
         if cache is not None:
             cache = cache.replace(k=kv[0], v=kv[1]).advanced(tokens_BxT.shape[1])
         return logits_BxTxV, cache

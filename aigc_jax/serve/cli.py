@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--chunk", type=int, default=4,
                    help="decode steps per device call (tokens are streamed, and slots refilled, between calls)")
     p.add_argument("--max-prefill", type=int, default=4, help="prompts prefilled per device call")
+    p.add_argument("--mesh", metavar="data=D,fsdp=F,tensor=T",
+                   help="serve on a device mesh: weights and KV-cache heads split over tensor, the slots over "
+                   "data x fsdp (omitted axes = 1; the product must equal the device count)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template (default: the model directory's own, if it has one)")
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: SRC's basename)")
@@ -97,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--set scan_layers does not apply to serving (decoding always runs unrolled layers)")
     template = chat.read_template_file(args.chat_template) if args.chat_template else None
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.mesh is not None:
+        from aigc_jax.decode import mesh as decode_mesh
+
+        args.mesh = decode_mesh.resolve(args.mesh)  # a bad --mesh is an error before the (slow) model load
     sock = _listen(args.host, args.port)
     try:
         return _serve(args, sock, api, chat, overrides, template, api_key)
@@ -116,7 +123,7 @@ def _serve(args, sock, api, chat, overrides, template, api_key) -> int:
     if template is None and os.path.isdir(args.model):
         template = chat.load_template(args.model)
     engine = Engine(lm.config, lm.params, eos_ids=(lm.tokenizer.eot_id,), max_batch=args.max_batch,
-                    max_queue=args.max_queue, chunk=args.chunk, max_prefill=args.max_prefill).start()
+                    max_queue=args.max_queue, chunk=args.chunk, max_prefill=args.max_prefill, mesh=args.mesh).start()
     try:
         t0 = time.perf_counter()
         compiled = 0 if args.no_warmup else engine.warmup()

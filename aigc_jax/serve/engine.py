@@ -27,6 +27,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.generate import for_decoding
 from aigc_jax.errors import UserError
 from aigc_jax.serve.programs import Programs, RowKnobs
@@ -103,7 +104,9 @@ class Engine:
     """Serves one model with `max_batch` slots. Start with `start()` (or use as a context manager)."""
 
     def __init__(self, config, params, *, eos_ids=(), max_batch: int = 8, max_queue: int = 256, chunk: int = 4,
-                 max_prefill: int = 4, poll_s: float = 0.05):
+                 max_prefill: int = 4, poll_s: float = 0.05, mesh=None):
+        """`mesh`: a (data, fsdp, tensor) mesh or "data=D,fsdp=F,tensor=T" to serve tensor-parallel with the slots
+        split over data x fsdp (decode/mesh.py); None: one device."""
         if max_batch < 1 or max_queue < 1 or chunk < 1 or max_prefill < 1:
             raise UserError("max_batch, max_queue, chunk and max_prefill must be >= 1")
         config, params = for_decoding(config, params)
@@ -111,7 +114,8 @@ class Engine:
         self.eos_ids = np.asarray(tuple(eos_ids) or (-1,), np.int32)  # -1: an id that never occurs
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
         self.max_prefill = min(max_prefill, max_batch)
-        self.programs = Programs(config, params, max_batch, chunk, self.max_prefill)
+        mesh = None if mesh is None else decode_mesh.resolve(mesh)
+        self.programs = Programs(config, params, max_batch, chunk, self.max_prefill, mesh)
         self._poll_s = poll_s
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()

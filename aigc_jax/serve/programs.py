@@ -15,7 +15,8 @@ row, which the next prefill overwrites. (Letting them run on would feed position
 position-embedding lookup returns NaN, and a NaN value in a masked slot still poisons probs·v.)
 
 Every program takes the params and the slot state as arguments, and `Programs` is the one place they are jitted:
-placing params and cache on a mesh is a matter of shardings there.
+on a (data, fsdp, tensor) mesh (`aigc-jax serve --mesh`) the params are placed tensor-parallel and the slot cache
+split over rows and heads as the offline Generator's (decode/mesh.py), and the programs jitted with those shardings.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from aigc_jax import model
+from aigc_jax import model, sharding
+from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.config import batch_bucket, bucket
 from aigc_jax.decode.sampling import row_keys, sample, warp
+from aigc_jax.errors import UserError
 
 TOP_LOGPROBS = 5  # alternatives per token (OpenAI's limit for the completions API)
 
@@ -199,8 +202,9 @@ def score(params, tokens_bxP, *, config):
 _JITTED: dict[tuple, tuple] = {}
 
 
-def _jitted(fn, donate: tuple, **static):
-    key = (fn.__name__, tuple(sorted(static.items())))
+def _jitted(fn, donate: tuple, mesh=None, shardings=None, **static):
+    """(the jitted `fn`, its trace count); on a mesh, `shardings` = (in_shardings, out_shardings)."""
+    key = (fn.__name__, decode_mesh.key(mesh), tuple(sorted(static.items())))
     if key not in _JITTED:
         count = [0]
 
@@ -208,7 +212,10 @@ def _jitted(fn, donate: tuple, **static):
             count[0] += 1
             return fn(*args, **static)
 
-        _JITTED[key] = (jax.jit(traced, donate_argnums=donate), count)
+        if mesh is None:
+            _JITTED[key] = (jax.jit(traced, donate_argnums=donate), count)
+        else:
+            _JITTED[key] = (decode_mesh.jit(traced, mesh, *shardings, donate_argnums=donate), count)
     return _JITTED[key]
 
 
@@ -218,25 +225,49 @@ class Programs:
     Buckets: prompt prefixes to powers of two (>= 16, <= the context), prefill batches to powers of two up to
     `max_prefill`; the decode chunk has one program per (sampling, logprobs, attention span, row count). `compiles` counts the
     compilations of these programs (by this engine or another one for the same config).
+
+    `mesh` (decode/mesh.resolve's Mesh, or None for one device): params tensor-parallel, the slot cache and the
+    decode chunk's rows over data x fsdp, prefill and score inputs (a few prompts) and the knobs replicated.
     """
 
-    def __init__(self, config, params, n_slots: int, chunk: int, max_prefill: int):
-        self.config, self.params = config, params
+    def __init__(self, config, params, n_slots: int, chunk: int, max_prefill: int, mesh=None):
+        self.config, self.mesh = config, mesh
         self.n_slots, self.chunk, self.max_prefill = n_slots, chunk, max_prefill
-        self._decode = {(s, lp, span, rows): _jitted(decode_chunk, (1,), config=config, k=chunk, sampling=s,
-                                                     logprobs=lp, span=span, rows=rows)
+        shardings = {"decode": None, "prefill": None, "score": None}
+        if mesh is not None:
+            decode_mesh.check_model(config, mesh)
+            split = decode_mesh.row_split(mesh)
+            if n_slots % split:
+                raise UserError(f"--max-batch {n_slots} must be a multiple of data x fsdp = {split}: the slots are "
+                                "split over those devices")
+            param_sh = decode_mesh.param_shardings(config, params, mesh)
+            params = jax.device_put(params, param_sh)
+            slots, rep = decode_mesh.state_shardings(Slots, mesh, per_row=True), sharding.replicated(mesh)
+            shardings = {"decode": ((param_sh, slots, rep), (slots, sharding.batch_sharding(mesh))),
+                         "prefill": ((param_sh, slots, rep, rep, rep, rep), slots),
+                         "score": ((param_sh, rep), rep),
+                         "empty": slots}
+        self.params, self._shardings = params, shardings
+        jit = lambda what, fn, donate, **static: _jitted(fn, donate, mesh, shardings[what], **static)
+        self._decode = {(s, lp, span, rows): jit("decode", decode_chunk, (1,), config=config, k=chunk, sampling=s,
+                                                 logprobs=lp, span=span, rows=rows)
                         for s in (False, True) for lp in (False, True) for span in self.spans()
                         for rows in self.row_counts()}
-        self._prefill = _jitted(prefill, (1,), config=config)
-        self._score = _jitted(score, (), config=config)
+        self._prefill = jit("prefill", prefill, (1,), config=config)
+        self._score = jit("score", score, (), config=config)
 
     @property
     def compiles(self) -> int:
         return sum(count[0] for _, count in (*self._decode.values(), self._prefill, self._score))
 
     def empty_slots(self) -> Slots:
-        cache = model.KVCache.init(self.config, self.n_slots, self.config.n_positions, per_row=True)
-        return Slots(cache=cache, last_B=jnp.zeros(self.n_slots, jnp.int32))
+        def empty():
+            cache = model.KVCache.init(self.config, self.n_slots, self.config.n_positions, per_row=True)
+            return Slots(cache=cache, last_B=jnp.zeros(self.n_slots, jnp.int32))
+
+        if self.mesh is None:
+            return empty()
+        return jax.jit(empty, out_shardings=self._shardings["empty"])()  # created split: never whole on one device
 
     # -- buckets ---------------------------------------------------------------------------------------------
 
@@ -249,7 +280,11 @@ class Programs:
         return spans
 
     def row_counts(self) -> list[int]:
-        """Rows a decode program runs: a quarter of the slots (busy rows are packed low) or all of them."""
+        """Rows a decode program runs: a quarter of the slots (busy rows are packed low) or all of them. With the
+        rows split over devices, all of them: the low quarter lives on a few devices, and running it alone would
+        move those rows' cache to the others and back."""
+        if self.mesh is not None and decode_mesh.row_split(self.mesh) > 1:
+            return [self.n_slots]
         return sorted({max(1, self.n_slots // 4), self.n_slots})
 
     def rows_bucket(self, n: int) -> int:

@@ -97,13 +97,15 @@ class Layout:
         placed = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
         return placed, shardings
 
-    def train_step(self, shardings: TrainState, **step_kwargs):
+    def train_step(self, shardings: TrainState, donate: bool = True, **step_kwargs):
+        """The step compiled for this layout; the state is donated (updated in place) unless `donate=False`."""
+        donated = (0,) if donate else ()
         if self.mode != "mesh":
             return parallel.wrap(functools.partial(train_step, **step_kwargs), self.mode, self.mesh,
-                                 ("rep", "data"), ("rep", "rep"), donate_argnums=(0,))
+                                 ("rep", "data"), ("rep", "rep"), donate_argnums=donated)
         batch = sharding.batch_sharding(self.mesh)
         return parallel.wrap_global(functools.partial(train_step, axis=None, **step_kwargs), self.mesh,
-                                    (shardings, batch), (shardings, sharding.replicated(self.mesh)), (0,))
+                                    (shardings, batch), (shardings, sharding.replicated(self.mesh)), donated)
 
     def eval_step(self, param_shardings, model_config):
         if self.mode != "mesh":
