@@ -28,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="global batch for the memory plan (default: devices)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step for the memory plan")
     p.add_argument("--new-tokens", type=int, default=None,
-                   help="tokens generated per prompt in the decode plan (default: seq-len / 4, prompts fill the rest)")
+                   help="tokens generated per prompt in the decode plan (default: seq-len / 2; prompts fill the rest)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode plan (it compiles two more programs)")
     p.add_argument("--forward", action="store_true", help="initialise random weights and run one forward pass")
     p.set_defaults(func=run)
@@ -62,12 +62,12 @@ def run(args) -> int:
             raise UserError("--batch-size and --grad-accum must be >= 1")
         tc = TrainConfig.from_dict({**train_over, "batch_size": batch, "seq_len": seq_len,
                                     "grad_accum": args.grad_accum, "mesh": args.mesh or ""})
+        new = seq_len // 2 if args.new_tokens is None else args.new_tokens
+        if args.new_tokens is not None and not 1 <= new < seq_len:
+            raise UserError(f"--new-tokens must be in [1, seq-len={seq_len}), got {new}")
         out["train"] = {"batch_size": batch, "seq_len": seq_len, "grad_accum": args.grad_accum,
                         **layout.plan(cfg, tc, optimizer.make(tc))}
-        if not args.no_decode:
-            new = max(1, seq_len // 4) if args.new_tokens is None else args.new_tokens
-            if not 1 <= new < seq_len:
-                raise UserError(f"--new-tokens must be in [1, seq-len={seq_len}), got {new}")
+        if not args.no_decode and new >= 1:
             # Decoding shards weights over tensor only (DECODE_RULES) and rows over data x fsdp: same mesh, other plan.
             out["decode"] = decode_plan.memory_report(cfg, args.mesh or f"data={jax.device_count()}",
                                                       batch=batch // args.grad_accum, prompt_len=seq_len - new,

@@ -250,6 +250,23 @@ def test_bad_meshes_are_one_line_errors(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_info_plans_train_and_decode_for_a_mesh():
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = run_cli("info", "--model", "tiny", "--mesh", "fsdp=4,tensor=2", "--batch-size", "8", "--seq-len", "32",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    train, decode = out["train"], out["decode"]
+    assert train["mesh"] == "data=1,fsdp=4,tensor=2" and train["devices"] == 8
+    # Training splits every matrix over fsdp x tensor; decoding splits weights over tensor only.
+    whole = decode["param_bytes"]
+    assert train["params_bytes"] < whole / 4 and whole / 2 <= decode["param_bytes_per_device"] < whole
+    assert decode["prompt_len"] == 16 and decode["new_tokens"] == 16
+    for program in ("prefill", "decode"):
+        assert decode[program]["peak_bytes"] >= decode["param_bytes_per_device"]
+    assert train["step_peak_bytes"] >= train["params_bytes"] + train["optimizer_bytes"]
+
+
 def _free_port() -> int:
     import socket
 
