@@ -90,3 +90,12 @@ def served(serve_model, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A ~200 KB text corpus (this package's own sources) and a data dir its token cache is built in once."""
+    root = tmp_path_factory.mktemp("corpus")
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "aigc_jax").rglob("*.py")))
+    (root / "corpus.txt").write_text(text)
+    return {"data": str(root / "corpus.txt"), "data_dir": str(root / "data")}

@@ -20,15 +20,6 @@ from conftest import ROOT, assert_one_line_error, run_cli
 TINY = ["--model", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    """A ~200 KB text corpus (this package's own sources) and a data dir its token cache is built in once."""
-    root = tmp_path_factory.mktemp("corpus")
-    text = "\n".join(p.read_text() for p in sorted((ROOT / "aigc_jax").rglob("*.py")))
-    (root / "corpus.txt").write_text(text)
-    return {"data": str(root / "corpus.txt"), "data_dir": str(root / "data")}
-
-
 def train_args(corpus, workdir, *extra):
     return ["train", *TINY, "--data", corpus["data"], "--data-dir", corpus["data_dir"], "--workdir", str(workdir),
             *extra]

@@ -12,21 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli
 from test_train_cli import final_params, popen_cli, train_args
 
 from aigc_jax import data
 from aigc_jax.train import loop
 from aigc_jax.train.config import TrainConfig
 from aigc_jax.train.optimizer import schedule
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("corpus")
-    text = "\n".join(p.read_text() for p in sorted((ROOT / "aigc_jax").rglob("*.py")))
-    (root / "corpus.txt").write_text(text)
-    return {"data": str(root / "corpus.txt"), "data_dir": str(root / "data")}
 
 
 # ------------------------------------------------------------------------------------------ preemption at start

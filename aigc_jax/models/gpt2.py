@@ -178,10 +178,7 @@ class Decoder(nn.Module):
         x_BxTxD = constrain(x_BxTxD, ("batch", None, None))
         x_BxTxD = layers.row_dropout(self, x_BxTxD, cfg.dropout, rows_B, not train)
 
-        kv, start = None, None
-        if cache is not None:
-            kv, start = (cache.k, cache.v), cache.index
-            cache = cache.with_positions(positions_BxT, mask_BxT)
+        kv, start, cache = layers.open_cache(cache, positions_BxT, mask_BxT)
         mask_BxTxS = attention_mask(positions_BxT, mask_BxT, cache)
         backend = resolve_backend(
             cfg.attention, dtype, cfg.head_dim, needs_mask=mask_BxTxS is not None, dropout=train and cfg.attn_dropout > 0

@@ -26,6 +26,14 @@ def default_positions(tokens_BxT: jax.Array, positions_BxT: jax.Array | None, ca
     return start_Bx1 + jnp.arange(T, dtype=jnp.int32)[None]
 
 
+def open_cache(cache: KVCache | None, positions_BxT: jax.Array, mask_BxT: jax.Array | None):
+    """(every layer's (k, v) as read before this call, the index the new keys are written at, the cache with these
+    positions recorded) — or Nones without a cache."""
+    if cache is None:
+        return None, None, None
+    return (cache.k, cache.v), cache.index, cache.with_positions(positions_BxT, mask_BxT)
+
+
 def row_dropout(module: nn.Module, x_BxN: jax.Array, rate: float, rows_B: jax.Array | None,
                 deterministic: bool) -> jax.Array:
     """Dropout whose mask for row b depends only on this call site's dropout key and rows_B[b], the row's place in
