@@ -127,13 +127,20 @@ class Runner:
                  + (f", XLA_FLAGS+={group.xla_flags}" if group.xla_flags else ""))
         self._log.write(f"$ {shlex.join(cmd)}\n")
         self._log.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                env=env, cwd=common.ROOT, start_new_session=True)
+        # Only bench.py workers read their cases from stdin; a command that exits without reading it must not make
+        # the write fail (a broken pipe, seen when the command finished first).
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL if group.command else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=self._log, text=True, env=env, cwd=common.ROOT,
+                                start_new_session=True)
         got: list[dict] = []
         reader = threading.Thread(target=self._read, args=(proc, group, got), daemon=True)
         reader.start()
-        proc.stdin.write(json.dumps(cases))
-        proc.stdin.close()
+        if not group.command:
+            try:
+                proc.stdin.write(json.dumps(cases))
+                proc.stdin.close()
+            except BrokenPipeError:  # the worker died at start; its exit status and log say why
+                pass
         hard = min(deadline + self.grace_s, self.deadline + self.grace_s)
         try:
             proc.wait(timeout=max(hard - time.time(), 1.0))
