@@ -126,6 +126,17 @@ def test_checkpoints_restore_onto_another_mesh_or_one_device(runs, resumed):
                                                                           else "data=2,fsdp=2,tensor=2")
 
 
+def test_generate_reads_a_checkpoint_saved_on_fsdp_on_another_mesh(runs):
+    """The fsdp=8 workdir's checkpoint decoded on one device and on data=2,tensor=4: the same greedy ids."""
+    args = ["generate", "--model", runs / "reshard-uninterrupted", "--prompt", "def f(x):", "--max-new-tokens", "12",
+            "--temperature", "0", "--json"]
+    outs = [run_cli(*args), run_cli(*args, "--mesh", "data=2,tensor=4",
+                                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})]
+    assert all(p.returncode == 0 for p in outs), [p.stderr[-2000:] for p in outs]
+    one, meshed = (json.loads(p.stdout.strip().splitlines()[-1]) for p in outs)
+    assert len(one["token_ids"]) > 0 and meshed["token_ids"] == one["token_ids"]
+
+
 PLAN = """
 import json
 from aigc_jax import configs, sharding
