@@ -23,6 +23,8 @@ MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tens
 GPT2 = {"preset": "tiny", "model": {"n_head": 8, "n_embd": 64, "dropout": 0.1, "attn_dropout": 0.1}}
 LLAMA = {"preset": "llama-tiny", "model": {"n_head": 8, "n_kv_head": 4, "n_embd": 64, "head_dim": 8,
                                            "dropout": 0.1, "attn_dropout": 0.1}}
+# tensor=8 cannot split the GQA Llama's 4 key/value heads (sharding.check_heads refuses it in one line); the rest run.
+LLAMA_MESHES = [m for m in MESHES if m != "tensor=8"]
 VARIANTS = {"unrolled": {"scan_layers": False, "grad_accum": 1}, "scanned_accum2": {"scan_layers": True, "grad_accum": 2}}
 
 # Adam's eps is 1e-4, not 1e-8: an update m/(sqrt(v)+eps) turns rounding-level gradient differences on elements with
@@ -78,7 +80,7 @@ def runs(tmp_path_factory):
     text.write_text("".join(p.read_text() for p in sorted((ROOT / "aigc_jax" / "models").glob("*.py"))))
     meshed = [_spec(f"gpt2-{v}-{m}", GPT2, v, m) for v in VARIANTS for m in MESHES]
     meshed += [_spec(f"llama-scanned_accum2-{m}", LLAMA, "scanned_accum2", m)
-               for m in ("data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4")]
+               for m in LLAMA_MESHES]
     # Reshard: fsdp=8 trains 2 steps (checkpoint at 2), then resumes to 4 steps on (2,2,2) and on 1 device.
     meshed += [_spec("reshard-uninterrupted", GPT2, "unrolled", "fsdp=8", steps=4),
                _spec("reshard-222", GPT2, "unrolled", "fsdp=8", steps=2)]
@@ -93,7 +95,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family,variant,mesh", [("gpt2", v, m) for v in VARIANTS for m in MESHES]
-                         + [("llama", "scanned_accum2", m) for m in ("data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4")])
+                         + [("llama", "scanned_accum2", m) for m in LLAMA_MESHES])
 def test_every_mesh_equals_one_device(runs, family, variant, mesh):
     ref, got = runs / f"{family}-{variant}-ref", runs / f"{family}-{variant}-{mesh}"
     np.testing.assert_allclose(_losses(got), _losses(ref), rtol=1e-5)
