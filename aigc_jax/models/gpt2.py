@@ -26,7 +26,7 @@ from aigc_jax.attention import attention, resolve_backend
 from aigc_jax.configs import ModelConfig, compute_dtype
 from aigc_jax.models import layers
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
-from aigc_jax.sharding import constrain, gathered, gathering_dot
+from aigc_jax.sharding import constrain, gathered
 
 LAYER_PREFIX = "h"  # layers are h_0, h_1, … (unrolled) or one stacked "h" (scan_layers)
 
@@ -62,8 +62,8 @@ def _dense(parent: nn.Module, config: ModelConfig, features, name: str, std: flo
         dtype=compute_dtype(config),
         param_dtype=jnp.dtype(config.param_dtype),
         kernel_init=nn.initializers.normal(std),
-        # On a mesh the kernel is gathered over fsdp for the matmul (aigc_jax/sharding.py); a no-op otherwise.
-        dot_general=gathering_dot([*parent.scope.path, name], PARAM_AXES, LAYER_PREFIX),
+        # On a mesh the kernel is gathered over fsdp for the matmul; [B, T] rows are one matrix (layers.dense_dot).
+        dot_general=layers.dense_dot([*parent.scope.path, name], PARAM_AXES, LAYER_PREFIX),
         name=name,
     )
 

@@ -1,19 +1,49 @@
-"""Pieces every decoder family shares: default positions, the layer stack (unrolled or nn.scan, with remat),
-and the padded-vocabulary logit mask."""
+"""Pieces every decoder family shares: the Dense layers' dot, default positions, the layer stack (unrolled or
+nn.scan, with remat), and the padded-vocabulary logit mask."""
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from aigc_jax.models.cache import KVCache
+from aigc_jax.sharding import gathering_dot
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def dense_dot(path, family_axes, layer_prefix: str):
+    """The `dot_general` of a family's Dense layers: the kernel in its compute layout on a mesh
+    (`sharding.gathering_dot`), and a [B, T, ...] input with T > 1 multiplied as one [B·T, K] matrix.
+
+    Why the fold: on [B, T, K] the weight gradient contracts over two dims, and XLA CPU then writes the activation
+    gradient transposed *inside* the elementwise backward that produces it (SwiGLU's: ~31 ms per layer of a 1.25 s
+    llama-baby step, 24% of it); as one [B·T, K] GEMM that disappears (+25% llama-baby tokens/s; GPT-2, without a
+    gated MLP, is unchanged; benchmarks/NOTES.md). Decode steps (T = 1) keep the 3-D form, whose matvec XLA CPU runs
+    on a faster path than the folded one."""
+    dot = gathering_dot(path, family_axes, layer_prefix)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        (lhs_contract, rhs_contract), batch = dimension_numbers
+        n = len(lhs_contract)
+        rows = lhs.shape[:lhs.ndim - n]
+        foldable = (not any(batch) and len(rows) >= 2 and rows[-1] > 1
+                    and tuple(lhs_contract) == tuple(range(len(rows), lhs.ndim))
+                    and tuple(rhs_contract) == tuple(range(n)))
+        if not foldable:
+            return dot(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+        k = math.prod(rhs.shape[:n])
+        out = dot(lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())), precision, preferred_element_type)
+        return out.reshape(*rows, *rhs.shape[n:])
+
+    return dot_general
 
 
 def default_positions(tokens_BxT: jax.Array, positions_BxT: jax.Array | None, cache: KVCache | None) -> jax.Array:

@@ -29,7 +29,7 @@ from aigc_jax.attention import attention, resolve_backend
 from aigc_jax.configs import LlamaConfig, compute_dtype
 from aigc_jax.models import layers
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
-from aigc_jax.sharding import constrain, gathered, gathering_dot
+from aigc_jax.sharding import constrain, gathered
 
 LAYER_PREFIX = "layers"  # layers_0, layers_1, … (unrolled) or one stacked "layers" (scan_layers)
 
@@ -106,10 +106,10 @@ class RMSNorm(nn.Module):
 
 def _dense(parent: nn.Module, features, name: str, bias: bool, axis=-1) -> nn.DenseGeneral:
     config = parent.config
-    # On a mesh the kernel is gathered over fsdp for the matmul (aigc_jax/sharding.py); a no-op otherwise.
+    # On a mesh the kernel is gathered over fsdp for the matmul; [B, T] rows are one matrix (layers.dense_dot).
     return nn.DenseGeneral(features, axis=axis, use_bias=bias, dtype=compute_dtype(config),
                            param_dtype=jnp.dtype(config.param_dtype), kernel_init=_INIT, name=name,
-                           dot_general=gathering_dot([*parent.scope.path, name], PARAM_AXES, LAYER_PREFIX))
+                           dot_general=layers.dense_dot([*parent.scope.path, name], PARAM_AXES, LAYER_PREFIX))
 
 
 class Attention(nn.Module):
