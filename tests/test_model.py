@@ -9,6 +9,7 @@ from conftest import assert_one_line_error, requires_gpu, run_cli, run_script
 from aigc_jax import configs, model
 from aigc_jax.attention import resolve_backend, xla_attention
 from aigc_jax.errors import ConfigError, UserError
+from aigc_jax.models import layers
 
 # Jitted once per shape: eager op-by-op dispatch is ~10x slower on these tiny models.
 forward = jax.jit(model.forward, static_argnames=("config", "train"))
@@ -320,3 +321,29 @@ def test_bias_free_variant_matches_nanogpt_size():
         from aigc_jax.interop import hf
 
         hf.to_hf_state_dict(p, cfg.replace(n_layer=1))
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,contract", [
+    ((2, 5, 8), (8, 3, 4), 1),      # q_proj-like: one input axis, two feature axes
+    ((2, 5, 3, 4), (3, 4, 8), 2),   # o_proj-like: two contracted axes
+    ((2, 1, 8), (8, 6), 1),         # a decode step (T = 1): the unfolded path
+    ((5, 8), (8, 6), 1),            # 2-D input
+])
+def test_dense_dot_equals_dot_general_with_gradients(lhs_shape, rhs_shape, contract):
+    """layers.dense_dot (the Dense layers' dot: [B, T, K] folded to [B·T, K] when T > 1) against lax.dot_general,
+    values and both gradients."""
+    nl = len(lhs_shape)
+    dims = ((tuple(range(nl - contract, nl)), tuple(range(contract))), ((), ()))
+    dot = layers.dense_dot(["mlp", "c_fc"], {}, "h_")
+    x = jax.random.normal(jax.random.key(1), lhs_shape)
+    w = jax.random.normal(jax.random.key(2), rhs_shape)
+    cot = jax.random.normal(jax.random.key(3), jax.eval_shape(lambda: jax.lax.dot_general(x, w, dims)).shape)
+
+    def loss(d):
+        return lambda x, w: jnp.sum(d(x, w, dims) * cot)
+
+    ours, ref = jax.jit(dot, static_argnums=2)(x, w, dims), jax.lax.dot_general(x, w, dims)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    for g_ours, g_ref in zip(jax.grad(loss(dot), (0, 1))(x, w), jax.grad(loss(jax.lax.dot_general), (0, 1))(x, w)):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
