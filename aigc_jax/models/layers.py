@@ -3,8 +3,6 @@ nn.scan, with remat), and the padded-vocabulary logit mask."""
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,27 +19,24 @@ REMAT_POLICIES = {
 
 def dense_dot(path, family_axes, layer_prefix: str):
     """The `dot_general` of a family's Dense layers: the kernel in its compute layout on a mesh
-    (`sharding.gathering_dot`), and a [B, T, ...] input with T > 1 multiplied as one [B·T, K] matrix.
+    (`sharding.gathering_dot`), and the rows of a [B, T, ...] input with T > 1 folded into one [B·T, ...] dim.
 
-    Why the fold: on [B, T, K] the weight gradient contracts over two dims, and XLA CPU then writes the activation
+    Why the fold: with two row dims the weight gradient contracts over both, and XLA CPU then writes the activation
     gradient transposed *inside* the elementwise backward that produces it (SwiGLU's: ~31 ms per layer of a 1.25 s
-    llama-baby step, 24% of it); as one [B·T, K] GEMM that disappears (+25% llama-baby tokens/s; GPT-2, without a
-    gated MLP, is unchanged; benchmarks/NOTES.md). Decode steps (T = 1) keep the 3-D form, whose matvec XLA CPU runs
-    on a faster path than the folded one."""
+    llama-baby step, 24% of it); over one row dim that disappears (+21% llama-baby tokens/s; GPT-2, without a gated
+    MLP, within noise; benchmarks/NOTES.md). The kernel keeps its shape, so its sharding rules apply as written.
+    Decode steps (T = 1) keep the 3-D form, whose matvec XLA CPU runs on a faster path than the folded one."""
     dot = gathering_dot(path, family_axes, layer_prefix)
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         (lhs_contract, rhs_contract), batch = dimension_numbers
-        n = len(lhs_contract)
-        rows = lhs.shape[:lhs.ndim - n]
-        foldable = (not any(batch) and len(rows) >= 2 and rows[-1] > 1
-                    and tuple(lhs_contract) == tuple(range(len(rows), lhs.ndim))
-                    and tuple(rhs_contract) == tuple(range(n)))
-        if not foldable:
+        rows = lhs.shape[:lhs.ndim - len(lhs_contract)]
+        if any(batch) or len(rows) < 2 or rows[-1] == 1 or tuple(lhs_contract) != tuple(range(len(rows), lhs.ndim)):
             return dot(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-        k = math.prod(rhs.shape[:n])
-        out = dot(lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())), precision, preferred_element_type)
-        return out.reshape(*rows, *rhs.shape[n:])
+        folded = lhs.reshape(-1, *lhs.shape[len(rows):])
+        contract = tuple(range(1, folded.ndim))
+        out = dot(folded, rhs, ((contract, rhs_contract), ((), ())), precision, preferred_element_type)
+        return out.reshape(*rows, *out.shape[1:])
 
     return dot_general
 
