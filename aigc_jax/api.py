@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 
 from aigc_jax import compile_cache, configs, model, modeldir
 from aigc_jax import tokenizers as tok
+from aigc_jax.prompts import Prompter
 from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.config import as_int
@@ -39,6 +40,7 @@ class LM:
     def __init__(self, config: configs.ModelConfig, params, tokenizer: tok.Tokenizer | None, parallel: str = "none",
                  mesh=None):
         self.config, self.tokenizer = config, tokenizer
+        self.prompts = Prompter(tokenizer) if tokenizer is not None else None  # text/chat → ids → text
         self.generator = Generator(config, params, mode=_decode_mode(parallel, mesh), mesh=mesh)
         self.last_seed: int | None = None  # the seed of the last generate/stream call (fresh unless given)
 
@@ -46,17 +48,22 @@ class LM:
     def params(self):
         return self.generator.params
 
-    def _tok(self) -> tok.Tokenizer:
-        if self.tokenizer is None:
+    def _prompts(self) -> Prompter:
+        if self.prompts is None:
             raise UserError("this model has no tokenizer (no tokenizer.json/vocab.json beside it); use token ids")
-        return self.tokenizer
+        return self.prompts
 
     def encode(self, text: str) -> list[int]:
         """A prompt's ids as HF's `tokenizer(text)` gives them (with the BOS a Llama tokenizer adds)."""
-        return self._tok().encode(text, add_special_tokens=True)
+        return self._prompts().encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok().decode(ids)
+        return self._prompts().tokenizer.decode(ids)
+
+    def continuation(self, prompt: Sequence[int], ids: Sequence[int], eos_ids: Sequence[int] = ()) -> str:
+        """The text of generated `ids` (without a final EOS) read after `prompt`: a SentencePiece word keeps its
+        leading space, as the server returns it."""
+        return self._prompts().continuation(prompt, self.strip_eos(ids, eos_ids))
 
     def config_for(self, **kwargs) -> GenerationConfig:
         """A GenerationConfig from HF-style keyword arguments, EOS defaulting to the tokenizer's EOS ids (its
@@ -78,7 +85,7 @@ class LM:
             prompts = list(prompts)  # a generator of prompts
         single = isinstance(prompts, str) or (len(prompts) > 0 and _is_token_id(prompts[0]))
         items = [prompts] if single else list(prompts)
-        return [self.encode(p) if isinstance(p, str) else list(p) for p in items], single
+        return [self.encode(p) if isinstance(p, str) else [as_int(t) for t in p] for p in items], single
 
     def generate_ids(self, prompts, **kwargs):
         """Generated ids (up to and including EOS) for one prompt, or a list for a list of prompts."""
@@ -90,41 +97,40 @@ class LM:
         """The generated continuation text (without the EOS) for one prompt, or a list for a list of prompts."""
         gen = self.config_for(**kwargs)
         ids, single = self._batch(prompts)
-        texts = [self.decode(self.strip_eos(o, gen.eos_ids)) for o in self.generator.generate(ids, gen)]
+        outs = self.generator.generate(ids, gen)
+        texts = [self.continuation(p, o, gen.eos_ids) for p, o in zip(ids, outs)]
         return texts[0] if single else texts
 
-    def chat_prompt(self, messages, tools=None) -> list[int]:
-        """The ids of `messages` rendered by the model's chat template with the assistant's turn opened, tokenized
-        as HF's apply_chat_template(messages, add_generation_prompt=True) tokenizes them (no special tokens added:
-        the template writes them)."""
-        return self._tok().encode(self._tok().render_chat(messages, tools=tools))
+    def chat_prompt(self, messages, tools=None, documents=None) -> list[int]:
+        """The ids of `messages` rendered by the model's chat template with the assistant's turn opened (and
+        `tools`/`documents` where the template uses them), as HF's apply_chat_template(messages,
+        add_generation_prompt=True, tokenize=True) gives them (no special tokens added: the template writes them)."""
+        return self._prompts().chat(messages, tools=tools, documents=documents)
 
-    def chat(self, messages, tools=None, **kwargs) -> str:
+    def chat(self, messages, tools=None, documents=None, **kwargs) -> str:
         """The assistant's reply to `messages` (OpenAI-style [{"role", "content"}, …]), generation stopping at any
         of the model's EOS ids; `kwargs` as for `generate` (e.g. max_new_tokens, temperature=0)."""
         gen = self.config_for(**kwargs)
-        (out,) = self.generator.generate([self.chat_prompt(messages, tools)], gen)
-        return self.decode(self.strip_eos(out, gen.eos_ids))
+        prompt = self.chat_prompt(messages, tools, documents)
+        (out,) = self.generator.generate([prompt], gen)
+        return self.continuation(prompt, out, gen.eos_ids)
 
     def stream(self, prompt: str | Sequence[int], chunk: int = 16, **kwargs) -> Iterator[str]:
-        """Yields the continuation of one prompt piece by piece, every `chunk` tokens."""
+        """Yields the continuation of one prompt piece by piece, every `chunk` tokens; the pieces add up to what
+        `generate` returns."""
         gen = self.config_for(**kwargs)
         batch, _ = self._batch(prompt)
         if len(batch) != 1:
             raise UserError(f"stream takes one prompt, got {len(batch)}: use generate for a list of prompts")
         (ids,) = batch
-        done: list[int] = []
-        shown = ""
+        text = self._prompts().text_stream(ids)
         for (new,) in self.generator.stream([ids], gen, chunk):
-            done += new
-            # Hold back a trailing partial UTF-8 character until its remaining bytes arrive.
-            stable = self.decode(self.strip_eos(done, gen.eos_ids)).rstrip("\ufffd")
-            if len(stable) > len(shown):
-                yield stable[len(shown):]
-                shown = stable
-        final = self.decode(self.strip_eos(done, gen.eos_ids))
-        if len(final) > len(shown):
-            yield final[len(shown):]
+            piece = text.add(self.strip_eos(new, gen.eos_ids))
+            if piece:
+                yield piece
+        piece = text.finish()
+        if piece:
+            yield piece
 
     @staticmethod
     def strip_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:

@@ -131,12 +131,15 @@ class Tokenizer:
             os.remove(template)
         return path
 
-    def render_chat(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
-        """The prompt text of `messages` as HF's apply_chat_template renders it (see aigc_jax/chat.py)."""
-        if self.chat_template is None:
-            raise UserError("this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
-                            "chat_template); use plain prompts")
-        return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+    def render_chat(self, messages, add_generation_prompt: bool = True, template: str | None = None,
+                    **kwargs) -> str:
+        """The prompt text of `messages` as HF's apply_chat_template renders it (see aigc_jax/chat.py), with this
+        tokenizer's special-token strings; `template` replaces the tokenizer's own."""
+        template = template if template is not None else self.chat_template
+        if template is None:
+            raise UserError("this model has no chat template (chat_template.jinja or tokenizer_config.json's "
+                            "chat_template); give one, or use plain prompts")
+        return chat.render(template, messages, add_generation_prompt=add_generation_prompt,
                            special_tokens=self.special_tokens, **kwargs)
 
     def __repr__(self):

@@ -5,6 +5,7 @@ a client that disconnects; the queue limit, the API key and SIGTERM draining on 
 import json
 import signal
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -340,3 +341,35 @@ def test_cli_mistakes_are_one_line_errors(serve_model, tmp_path):
         taken.listen(1)
         port = taken.getsockname()[1]
         assert_one_line_error(run_cli("serve", "--model", serve_model, "--port", port), "cannot listen", str(port))
+
+
+def test_a_cold_start_listens_at_once_says_warming_and_queues_requests(serve_model, tmp_path, lm):
+    """With an empty compile cache the server answers /health at once: 503 "warming" with the programs compiled so
+    far, while a request sent meanwhile waits and is answered after the warm-up; then nothing compiles again."""
+    server = ServerProcess(serve_model, "--max-batch", "1", "--max-prefill", "1", log=tmp_path / "server.log",
+                           env={"AIGC_COMPILE_CACHE": "0"})
+    try:
+        deadline, warming = time.monotonic() + 240, None
+        while warming is None and time.monotonic() < deadline:
+            assert server.proc.poll() is None, server.output()
+            try:
+                r = call(server.url, "GET", "/health", timeout=5)
+            except OSError:  # still importing or loading the model
+                time.sleep(0.2)
+                continue
+            assert r.status == 503, r.json()  # never "ok" before it has compiled
+            warming = r.json()
+        assert warming["status"] == "warming" and warming["warmup"]["compiled"] < warming["warmup"]["programs"]
+        out: dict = {}
+        waiting = threading.Thread(target=lambda: out.update(r=call(
+            server.url, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0},
+            timeout=240)))
+        waiting.start()
+        ready = server.wait_ready(timeout=240)
+        waiting.join(240)
+        assert out["r"].status == 200
+        assert out["r"].json()["choices"][0]["text"] == lm.generate(PROMPTS[0], max_new_tokens=8, temperature=0)
+        assert ready["compiles"] == warming["warmup"]["programs"] == server.health()["compiles"]
+        assert f"ready: {ready['compiles']} programs compiled in" in server.output()
+    finally:
+        server.stop(signal.SIGKILL)

@@ -13,7 +13,7 @@ from aigc_jax import configs, model
 from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.serve.engine import (CANCELLED, LENGTH, SHUTDOWN, STOP, Engine, EngineClosed, QueueFull,
                                    RequestError, Sampling, Scored, Sequence, Tokens)
-from aigc_jax.serve.text import TextStream
+from aigc_jax.prompts import TextStream
 from aigc_jax.train.step import loss_sums
 
 EOS = 7

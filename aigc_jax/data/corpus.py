@@ -28,6 +28,7 @@ _BATCH_CHARS = 4 << 20  # text per encode_batch call: enough for all cores, boun
 _PIECE_CHARS = 1 << 20  # long documents are encoded in pieces of about this size (see _line_pieces)
 _LINE_START = re.compile(r"\n(?=\S)")
 _CACHE = "tokens-v2"  # bumped whenever the cache's layout, meta.json or the ids it holds change
+_EXAMPLES_CACHE = "examples-v3"  # the same for prompt→completion examples (v3: prompts encoded as `generate` does)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def load(source: str, tokenizer, data_dir: str | Path | None = None) -> TokenDat
     src = sources.parse(source, data_dir, explicit)
     key = f"{src.key}/{tokenizer_hash(tokenizer)}"
     if src.kind == "jsonl":
-        meta, arrays = cache.cached(data_dir / _CACHE / key, lambda tmp: _hashed(examples.build(src, tokenizer, tmp), tmp))
+        meta, arrays = cache.cached(data_dir / _EXAMPLES_CACHE / key,
+                                    lambda tmp: _hashed(examples.build(src, tokenizer, tmp), tmp))
         train, validation = examples.from_cache(arrays, "train"), examples.from_cache(arrays, "validation")
     else:
         meta, arrays = cache.cached(data_dir / _CACHE / key,

@@ -1,9 +1,15 @@
 """Prompt→completion examples from JSONL: one `{"prompt": str, "completion": str}` object per line.
 
-Each example is tokenized as prompt + completion + EOT (prompt and completion separately, so the boundary
-between them is exact) and trained one per row, right-padded: the loss covers the completion tokens and
-the EOT, never the prompt or the padding, and attention never crosses examples (no packing). An example
-with an empty prompt has no context for its first completion token, so that one token is not trained.
+Each example is tokenized as prompt + completion + EOT and trained one per row, right-padded: the loss covers the
+completion tokens and the EOT, never the prompt or the padding, and attention never crosses examples (no
+packing). An example with an empty prompt has no context for its first completion token, so that one token is
+not trained.
+
+The prompt's ids are exactly what `generate` feeds for the same text (aigc_jax/prompts.py: HF's `tokenizer(text)`,
+so a Llama or Mistral prompt starts with its BOS), so a fine-tuned model sees at inference what it saw in
+training. The completion is ordinary text (a literal "<|endoftext|>" in it is characters), tokenized as it reads
+after the prompt: the ids of prompt + completion past the prompt's, when they begin with the prompt's ids (a
+SentencePiece completion " 4" is then "▁4", as the model would generate it, not "▁▁4"); otherwise on its own.
 Validation: the hash rule of `sources.py` applied to each example's content (duplicates stay together).
 """
 
@@ -17,6 +23,7 @@ import numpy as np
 
 from aigc_jax.data import cache, sources
 from aigc_jax.errors import UserError
+from aigc_jax.prompts import Prompter
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,7 @@ def build(source: sources.Source, tokenizer, tmp: Path) -> dict:
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     for split in ("train", "validation"):
         chosen = [pc for pc, name in zip(pairs, names) if (name in val) == (split == "validation")]
-        # Ordinary text, as for corpora: a literal "<|endoftext|>" in an example is not an end of text.
-        prompts = tokenizer.encode_ordinary_batch([p for p, _ in chosen])
-        completions = tokenizer.encode_ordinary_batch([c for _, c in chosen])
+        prompts, completions = _tokenize(tokenizer, chosen)
         seqs = [p + c + [tokenizer.eot_id] for p, c in zip(prompts, completions)]
         arrays = {
             "tokens": np.fromiter((t for s in seqs for t in s), dtype=dtype),
@@ -88,6 +93,19 @@ def build(source: sources.Source, tokenizer, tmp: Path) -> dict:
         }
     meta["bytes_per_token"] = meta["splits"]["validation"]["loss_bytes"] / meta["splits"]["validation"]["loss_tokens"]
     return meta
+
+
+def _tokenize(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids as `generate` encodes them, completion ids as they read after the prompt)."""
+    prompts = Prompter(tokenizer).encode_batch([p for p, _ in pairs])
+    alone = tokenizer.encode_ordinary_batch([c for _, c in pairs])
+    joined = tokenizer.encode_ordinary_batch([p + c for p, c in pairs])  # no BOS: compare past the prompt's
+    bos = tokenizer.bos_id
+    completions = []
+    for p, j, a in zip(prompts, joined, alone):
+        body = p[1:] if p and bos is not None and p[0] == bos else p
+        completions.append(j[len(body):] if j[: len(body)] == body else a)
+    return prompts, completions
 
 
 def from_cache(arrays: dict[str, np.ndarray], split: str) -> Examples:

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     outputs = lm.generator.generate(ids, gen)
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        text = lm.decode(lm.strip_eos(out, gen.eos_ids))
+        text = lm.continuation(ids[i], out, gen.eos_ids)
         if args.json:
             head = {"prompt": prompt} if messages is None else {"messages": messages}
             print(json.dumps({**head, "text": text, "token_ids": out, "seed": gen.seed}, ensure_ascii=False))

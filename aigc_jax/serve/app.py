@@ -27,16 +27,16 @@ def error_response(status: int, message: str, kind: str, param=None, code=None, 
 
 
 class Server:
-    """What the handlers share: the engine, the tokenizer, the served model's name and the request limits."""
+    """What the handlers share: the engine, the prompt path (tokenizer and chat template: aigc_jax/prompts.py, the
+    same as offline generation's), the served model's name and the request limits."""
 
-    def __init__(self, engine, tokenizer, model_name: str, *, chat_template: str | None = None,
-                 api_key: str | None = None, max_body_bytes: int = 4 << 20, max_n: int | None = None,
-                 aliases: tuple[str, ...] = ()):
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+    def __init__(self, engine, prompts, model_name: str, *, api_key: str | None = None,
+                 max_body_bytes: int = 4 << 20, max_n: int | None = None, aliases: tuple[str, ...] = ()):
+        self.engine, self.prompts, self.tokenizer, self.model_name = engine, prompts, prompts.tokenizer, model_name
         self.names = {model_name, *aliases}
-        self.chat_template, self.api_key, self.max_body_bytes = chat_template, api_key, max_body_bytes
+        self.api_key, self.max_body_bytes = api_key, max_body_bytes
         self.max_n = max_n or engine.max_batch
-        self.token_text = TokenText(tokenizer)
+        self.token_text = TokenText(prompts.tokenizer)
         self.eos = set(engine.eos_ids.tolist())
         self.created = int(time.time())
         self.open_requests = 0  # completions/chat requests between parsing and their last byte (or cancellation)
@@ -63,8 +63,9 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         stats = server.engine.stats()
-        ok = stats["alive"] and not stats["closing"]
-        body = {"status": "ok" if ok else "unavailable", "open_requests": server.open_requests, **stats}
+        ok = stats["alive"] and not stats["closing"] and not stats["warming"]
+        status = "ok" if ok else "warming" if stats["alive"] and stats["warming"] else "unavailable"
+        body = {"status": status, "open_requests": server.open_requests, **stats}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")

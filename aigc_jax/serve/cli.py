@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 from aigc_jax.errors import UserError
@@ -37,7 +38,7 @@ def register(sub) -> None:
                    help="serve on a device mesh: weights and KV-cache heads split over tensor, the slots over "
                    "data x fsdp (omitted axes = 1; the product must equal the device count)")
     p.add_argument("--chat-template", metavar="FILE",
-                   help="a Jinja chat template (default: the model directory's own, if it has one)")
+                   help="a Jinja chat template (default: the model's own, if it has one)")
     p.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: SRC's basename)")
     p.add_argument("--api-key", metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}, else none)")
@@ -91,6 +92,33 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _stop_when_engine_dies(engine, http) -> None:
+    """A server whose engine failed (say, compiling during warm-up) stops rather than answer 503 forever."""
+    while not http.should_exit:
+        if not engine.alive:
+            http.should_exit = True
+            return
+        time.sleep(0.5)
+
+
+class _WarmupReport:
+    """Compile progress on stderr: a line every few seconds and one when serving starts."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.t0 = self.shown = time.perf_counter()
+        self.every_s = every_s
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == total:
+            print(f"aigc-jax serve: ready: {total} programs compiled in {now - self.t0:.1f} s", file=sys.stderr,
+                  flush=True)
+        elif now - self.shown >= self.every_s:
+            self.shown = now
+            print(f"aigc-jax serve: compiling programs {done}/{total} ({now - self.t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     from aigc_jax import api, chat, configs
@@ -114,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args, sock, api, chat, overrides, template, api_key) -> int:
     import uvicorn
 
+    from aigc_jax.prompts import Prompter
     from aigc_jax.serve.app import Server, create_app
     from aigc_jax.serve.engine import Engine
 
@@ -121,28 +150,34 @@ def _serve(args, sock, api, chat, overrides, template, api_key) -> int:
     if lm.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt) to serve text")
     if template is None and os.path.isdir(args.model):
-        template = chat.load_template(args.model)
-    engine = Engine(lm.config, lm.params, eos_ids=(lm.tokenizer.eot_id,), max_batch=args.max_batch,
+        template = chat.load_template(args.model)  # e.g. a GPT-2 dir with vocab.json + merges.txt and a template
+    # The offline API's prompt path, so served prompts, chat renderings and stop ids are what `generate` uses.
+    prompts = Prompter(lm.tokenizer, chat_template=template)
+    engine = Engine(lm.config, lm.params, eos_ids=prompts.stop_ids, max_batch=args.max_batch,
                     max_queue=args.max_queue, chunk=args.chunk, max_prefill=args.max_prefill, mesh=args.mesh).start()
     try:
-        t0 = time.perf_counter()
-        compiled = 0 if args.no_warmup else engine.warmup()
         name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-        server = Server(engine, lm.tokenizer, name, chat_template=template, api_key=api_key,
-                        max_body_bytes=int(args.max_body_mb * 2**20), aliases=(args.model,))
+        server = Server(engine, prompts, name, api_key=api_key, max_body_bytes=int(args.max_body_mb * 2**20),
+                        aliases=(args.model,))
         host, port = sock.getsockname()[:2]
         if not _is_loopback(args.host) and api_key is None:
             print(f"aigc-jax serve: warning: listening on {args.host} without authentication (no --api-key)",
                   file=sys.stderr)
-        print(f"aigc-jax serve: {name} on http://{host}:{port}/v1 ({args.max_batch} slots, {compiled} executables "
-              f"compiled in {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        warming = "" if args.no_warmup else "; compiling its programs first (/health says 'warming' until then)"
+        print(f"aigc-jax serve: {name} on http://{host}:{port}/v1 ({args.max_batch} slots){warming}",
+              file=sys.stderr, flush=True)
+        if not args.no_warmup:
+            # The engine thread compiles every program before it serves; requests that come meanwhile wait.
+            engine.warmup(progress=_WarmupReport(), wait=False)
         config = uvicorn.Config(create_app(server), log_level=args.log_level, lifespan="off",
                                 timeout_graceful_shutdown=args.grace, access_log=False)
         # uvicorn drains on SIGTERM/SIGINT (stops listening, waits up to --grace for running requests) and then
         # re-raises the signal to the handler it found. Let that be a no-op, so a drained server exits 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
-        uvicorn.Server(config).run(sockets=[sock])
+        http = uvicorn.Server(config)
+        threading.Thread(target=_stop_when_engine_dies, args=(engine, http), daemon=True).start()
+        http.run(sockets=[sock])
     finally:
         engine.close()
     if engine.error is not None:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import jax
 import numpy as np
@@ -130,6 +132,7 @@ class Engine:
         self._slot_seq: list[Sequence | None] = [None] * max_batch
         self._slots = None
         self._counts = {"chunks": 0, "steps": 0, "prefills": 0, "scores": 0, "tokens": 0}
+        self._warming: list[int] | None = None  # [programs compiled, programs to compile] during warm-up
 
     # -- life cycle ---------------------------------------------------------------------------------------------
 
@@ -202,8 +205,10 @@ class Engine:
         busy = sum(s is not None for s in self._slot_seq)
         with self._lock:
             queued = self._queued
+        warming = self._warming
         return {"slots": self.max_batch, "busy_slots": busy, "queued": queued, "compiles": self.programs.compiles,
-                "closing": self._closing, "alive": self.alive, **self._counts}
+                "closing": self._closing, "alive": self.alive, "warming": warming is not None,
+                **({"warmup": {"compiled": warming[0], "programs": warming[1]}} if warming else {}), **self._counts}
 
     def _enqueue(self, kind: str, item, n: int) -> None:
         with self._lock:
@@ -216,31 +221,31 @@ class Engine:
 
     # -- warm-up ----------------------------------------------------------------------------------------------------
 
-    def warmup(self, score: bool = True) -> int:
-        """Compiles every program and bucket serving can reach (from the engine thread); returns the compile count."""
+    def warmup(self, score: bool = True, progress: Callable[[int, int], None] | None = None,
+               wait: bool = True) -> int:
+        """Compiles every program and bucket serving can reach, on the engine thread before it serves anything
+        (requests submitted meanwhile wait in the queue); `progress(done, total)` is called as programs finish.
+        wait=False returns at once (stats() says "warming" until it is done). Returns the compile count."""
         done = threading.Event()
-        self._inbox.put(("warmup", (score, done)))
+        self._warming = [0, 0]  # "warming" from now on, not from when the engine thread gets to it
+        self._inbox.put(("warmup", (score, progress, done)))
+        if not wait:
+            return 0
         while not done.wait(0.5):
             if not self.alive:
                 raise RuntimeError("the engine stopped during warm-up") from self._error
         return self.programs.compiles
 
-    def _warmup(self, score: bool) -> None:
-        p, B = self.programs, self.max_batch
-        lengths, batches = p.buckets()
-        for P in lengths:
-            for b in batches:  # filler rows only (row index B): the cache is untouched
-                z = np.zeros(b, np.int32)
-                self._slots = p.prefill(self._slots, np.zeros((b, P), np.int32), z, z, np.full(b, B, np.int32))
-            if score:
-                p.score(np.zeros((1, P), np.int32))
-        for sampling in (False, True):
-            for logprobs in (False, True):
-                for span in p.spans():
-                    for rows in p.row_counts():
-                        knobs = self._knobs(np.zeros(B, bool), False)
-                        self._slots, _ = p.decode(self._slots, knobs, sampling, logprobs, span, rows)
-        jax.block_until_ready(self._slots)
+    def _warmup(self, score: bool, progress) -> None:
+        # XLA compiles outside the GIL: several programs at once use the cores a lone compile leaves idle.
+        jobs = self.programs.warmup_jobs(self._slots, self._knobs(np.zeros(self.max_batch, bool), False), score)
+        self._warming = [0, len(jobs)]
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="aigc-jax-compile") as pool:
+            for _ in as_completed([pool.submit(job) for job in jobs]):
+                self._warming[0] += 1
+                if progress is not None:
+                    progress(*self._warming)
+        self._warming = None
 
     # -- the engine thread ------------------------------------------------------------------------------------------
 
@@ -278,8 +283,9 @@ class Engine:
                 elif kind == "close":
                     self._deadline = payload
                 elif kind == "warmup":
-                    self._warmup(payload[0])
-                    payload[1].set()
+                    score, progress, done = payload
+                    self._warmup(score, progress)
+                    done.set()
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -355,6 +361,7 @@ class Engine:
         budget, step, greedy, use_eos = np.zeros(B, np.int32), np.zeros(B, np.int32), np.ones(B, bool), np.ones(B, bool)
         temperature, top_k = np.ones(B, np.float32), np.full(B, V, np.int32)
         top_p_threshold, seed, row = np.zeros(B, np.float32), np.zeros(B, np.uint32), np.zeros(B, np.int32)
+        logprobs = False
         for i, seq in enumerate(self._slot_seq):
             if seq is None or not active[i]:
                 continue
@@ -367,21 +374,20 @@ class Engine:
             top_p_threshold[i] = np.float32(1.0 - float(s.top_p))
             seed[i], row[i] = s.seed % 2**32, s.row
             use_eos[i] = not seq.ignore_eos
+            logprobs |= seq.logprobs
         return RowKnobs(active_B=active, budget_B=budget, step_B=step, greedy_B=greedy, temperature_B=temperature,
                         top_k_B=top_k, top_p_threshold_B=top_p_threshold, seed_B=seed, row_B=row,
-                        eos_ids=self.eos_ids, use_eos_B=use_eos, n_steps=np.int32(self.chunk), stop_early=np.bool_(bool(self._waiting)))
+                        eos_ids=self.eos_ids, use_eos_B=use_eos, n_steps=np.int32(self.chunk), stop_early=np.bool_(bool(self._waiting)),
+                        logprobs=np.bool_(logprobs))
 
     def _decode(self) -> None:
         seqs = self._slot_seq
         active = np.array([s is not None for s in seqs])
-        sampling = any(s is not None and s.sampling.temperature > 0 for s in seqs)
-        logprobs = any(s is not None and s.logprobs for s in seqs)
         # Row i feeds position len(prompt) - 1 + generated; this chunk writes up to `chunk` slots from there.
         reach = max(len(s.prompt) - 1 + s.generated for s in seqs if s is not None) + self.chunk
         span = self.programs.span_bucket(reach)
         rows = self.programs.rows_bucket(max(i for i, s in enumerate(seqs) if s is not None) + 1)
-        self._slots, chunk = self.programs.decode(self._slots, self._knobs(active, bool(self._waiting)),
-                                                  sampling, logprobs, span, rows)
+        self._slots, chunk = self.programs.decode(self._slots, self._knobs(active, bool(self._waiting)), span, rows)
         chunk = jax.device_get(chunk)
         self._counts["chunks"] += 1
         self._counts["steps"] += int(chunk.n_B.max(initial=0))

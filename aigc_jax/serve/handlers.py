@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,13 +19,12 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from aigc_jax import chat
 from aigc_jax.errors import UserError
 from aigc_jax.serve import schemas as S
 from aigc_jax.serve.engine import (CANCELLED, LENGTH, STOP, EngineClosed, Finished, QueueFull, RequestError, Sampling,
                                    Scored, Sequence, Tokens)
+from aigc_jax.prompts import TextStream
 from aigc_jax.serve.programs import TOP_LOGPROBS
-from aigc_jax.serve.text import TextStream
 
 if TYPE_CHECKING:
     from aigc_jax.serve.app import Server
@@ -65,7 +65,9 @@ def _sampling(req) -> Sampling:
             raise ApiError(400, f"{name} is not supported (only 0)", param=name)
     if req.logit_bias:
         raise ApiError(400, "logit_bias is not supported", param="logit_bias")
-    return Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=req.seed or 0)
+    # A request without a seed draws a fresh one (reported in the response), as offline `generate` does.
+    seed = req.seed if req.seed is not None else secrets.randbits(31)
+    return Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
 def _stops(req) -> list[str]:
@@ -118,6 +120,7 @@ class _Request:
         self._score_prompts: list[int] = []  # prompts whose echo log-probabilities are awaited
         self.gone = False  # the client disconnected
         self.closed = False
+        self.seed: int | None = None  # the sampling seed, reported in the response (None when greedy)
 
     prefix = "cmpl"
 
@@ -141,11 +144,14 @@ class _Request:
                 too_long = "context" in str(e)
                 raise ApiError(400, str(e), param=prompt_param if e.param == "prompt" else e.param,
                                code="context_length_exceeded" if too_long else None) from None
+        self.seed = sampling.seed if sampling.temperature > 0 else None
         for i, p in enumerate(prompts):
             for j in range(n):
-                choice = _Choice(len(self.choices), i, p, TextStream(self.server.tokenizer.decode, stop))
+                choice = _Choice(len(self.choices), i, p, self.server.prompts.text_stream(p, stop))
                 if max_tokens > 0:
-                    s = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, row=j)
+                    # Row i*n + j: the request samples what offline `generate` samples for its prompts with each
+                    # repeated n times (HF's num_return_sequences order), one key per choice.
+                    s = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed, row=i * n + j)
                     choice.seq = Sequence(p, max_tokens, self._emitter(("seq", choice.index)), s, logprobs,
                                           ignore_eos=self.req.ignore_eos)
                 self.choices.append(choice)
@@ -283,7 +289,7 @@ class Completions(_Request):
     prefix = "cmpl"
 
     def _start(self) -> None:
-        req, tokenizer = self.req, self.server.tokenizer
+        req = self.req
         if req.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
         if req.best_of not in (None, req.n):
@@ -294,18 +300,20 @@ class Completions(_Request):
             _check_range(req.logprobs, "logprobs", 0, TOP_LOGPROBS, integer=True)
             if req.echo and req.stream:
                 raise ApiError(400, "echo with logprobs is not supported when streaming", param="stream")
-        prompts = self._prompts(req.prompt, tokenizer)
+        prompts = self._prompts(req.prompt)
         self._build(prompts, max_tokens, _sampling(req), _stops(req), req.n, req.logprobs is not None, "prompt")
         self._score_prompts = list(range(len(prompts))) if req.echo and req.logprobs is not None else []
         self._submit(self._score_prompts)
 
-    @staticmethod
-    def _prompts(prompt, tokenizer) -> list[list[int]]:
+    def _prompts(self, prompt) -> list[list[int]]:
+        """Text is encoded as offline `generate` encodes it (with the BOS a Llama tokenizer adds); token ids are
+        taken as they are. `self.texts` keeps each text prompt for `echo`."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
             texts = [prompt] if isinstance(prompt, str) else prompt
             if any(t == "" for t in texts):
                 raise ApiError(400, "the prompt is empty: give at least one character of text", param="prompt")
-            return tokenizer.encode_batch(texts)
+            self.texts = list(texts)
+            return self.server.prompts.encode_batch(texts)
         if not prompt:
             raise ApiError(400, "the prompt is empty: give text or token ids", param="prompt")
         return [prompt] if isinstance(prompt[0], int) else [list(p) for p in prompt]
@@ -335,17 +343,22 @@ class Completions(_Request):
         return S.CompletionLogprobs(tokens=strings[start:], token_logprobs=lps[start:], top_logprobs=top_dicts[start:],
                                     text_offset=offsets[start:])
 
+    texts: list[str] | None = None  # the text prompts, as given
+
     def _prefix_text(self, c: _Choice) -> str:
-        return self.server.tokenizer.decode(c.prompt) if self.req.echo else ""
+        if not self.req.echo:
+            return ""
+        return self.texts[c.prompt_index] if self.texts is not None else self.server.tokenizer.decode(c.prompt)
 
     def _final(self) -> S.Completion:
         choices = [S.CompletionChoice(index=c.index, text=self._prefix_text(c) + c.text.text,
                                       logprobs=self._logprobs(c), finish_reason=c.finish) for c in self.choices]
         return S.Completion(id=self.id, created=self.created, model=self.server.model_name, choices=choices,
-                            usage=self._usage())
+                            usage=self._usage(), seed=self.seed)
 
     def _chunk(self, choices) -> S.Completion:
-        return S.Completion(id=self.id, created=self.created, model=self.server.model_name, choices=choices)
+        return S.Completion(id=self.id, created=self.created, model=self.server.model_name, choices=choices,
+                            seed=self.seed)
 
     def _stream_start(self):
         if self.req.echo:
@@ -365,7 +378,30 @@ class Completions(_Request):
 
     def _usage_chunk(self):
         return S.Completion(id=self.id, created=self.created, model=self.server.model_name, choices=[],
-                            usage=self._usage())
+                            usage=self._usage(), seed=self.seed)
+
+
+_TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token",
+                      "unk_token", "pad_token"}
+
+
+def _refuse_unhonoured_chat_fields(req) -> None:
+    """Fields that would change what the reply must be but that this server cannot honour are a 400, never
+    ignored: a forced tool call, a JSON mode, OpenAI's deprecated `functions`."""
+    if req.functions is not None or req.function_call is not None:
+        param = "functions" if req.functions is not None else "function_call"
+        raise ApiError(400, f"{param} is not supported: pass the functions as `tools`, which the chat template "
+                       "renders", param=param)
+    if req.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice can only be 'auto' or 'none': forcing a tool call is not supported",
+                       param="tool_choice")
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        raise ApiError(400, "response_format can only be {'type': 'text'}: JSON modes are not supported",
+                       param="response_format")
+    clash = sorted(_TEMPLATE_RESERVED & set(req.chat_template_kwargs or {}))
+    if clash:
+        raise ApiError(400, f"chat_template_kwargs cannot set {', '.join(clash)}: give those as request fields",
+                       param="chat_template_kwargs")
 
 
 class ChatCompletions(_Request):
@@ -373,16 +409,15 @@ class ChatCompletions(_Request):
 
     def _start(self) -> None:
         req, server = self.req, self.server
-        if server.chat_template is None:
+        if server.prompts.chat_template is None:
             raise ApiError(400, f"the model {server.model_name!r} has no chat template: use /v1/completions, or "
                            "start the server with --chat-template FILE", param="messages", code="no_chat_template")
+        _refuse_unhonoured_chat_fields(req)
         try:
-            text = chat.render(server.chat_template, req.messages, add_generation_prompt=True,
-                               special_tokens={"eos_token": server.tokenizer.eot_token,
-                                               "bos_token": server.tokenizer.eot_token})
+            prompt = server.prompts.chat(req.messages, tools=req.tools, documents=req.documents,
+                                         **(req.chat_template_kwargs or {}))
         except UserError as e:
             raise ApiError(400, str(e), param="messages") from None
-        prompt = server.tokenizer.encode(text)
         if not prompt:
             raise ApiError(400, "the messages render to an empty prompt", param="messages")
         limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -408,11 +443,11 @@ class ChatCompletions(_Request):
         choices = [S.ChatChoice(index=c.index, message=S.ChatMessage(content=c.text.text),
                                 logprobs=self._logprobs(c), finish_reason=c.finish) for c in self.choices]
         return S.ChatCompletion(id=self.id, created=self.created, model=self.server.model_name, choices=choices,
-                                usage=self._usage())
+                                usage=self._usage(), seed=self.seed)
 
     def _chunk(self, choices, usage=None) -> S.ChatCompletionChunk:
         return S.ChatCompletionChunk(id=self.id, created=self.created, model=self.server.model_name,
-                                     choices=choices, usage=usage)
+                                     choices=choices, usage=usage, seed=self.seed)
 
     def _stream_start(self):
         for c in self.choices:

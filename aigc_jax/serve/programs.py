@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import threading
+
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from aigc_jax import model, sharding
 from aigc_jax.decode import mesh as decode_mesh
-from aigc_jax.decode.config import batch_bucket, bucket
+from aigc_jax.decode.config import bucket
 from aigc_jax.decode.sampling import row_keys, sample, warp
 from aigc_jax.errors import UserError
 
@@ -60,6 +63,7 @@ class RowKnobs:
     use_eos_B: jax.Array  # bool: the row ends at an EOS id (False: ignore_eos)
     n_steps: jax.Array  # [] int32 <= K: steps to run
     stop_early: jax.Array  # [] bool: return after the first step in which some row finished (a request waits)
+    logprobs: jax.Array  # [] bool: some row asks for log-probabilities
 
 
 @flax.struct.dataclass
@@ -68,7 +72,7 @@ class Chunk:
     n_B: jax.Array  # int32: tokens produced per row
     eos_B: jax.Array  # bool: the row ended on an EOS id
     logprob_BxK: jax.Array  # f32: log-probability of each token under the model (before temperature etc.)
-    top_ids_BxKxT: jax.Array  # int32 [B, K, TOP_LOGPROBS] (T = 0 in the program without logprobs)
+    top_ids_BxKxT: jax.Array  # int32 [B, K, TOP_LOGPROBS] (zeros unless knobs.logprobs)
     top_logprob_BxKxT: jax.Array
 
 
@@ -84,19 +88,21 @@ class _Warp:  # the three fields sampling.warp reads, one row's worth
     top_p_threshold: jax.Array
 
 
-def pick(logits_BxV, knobs: RowKnobs, step_B, sampling: bool):
-    """Each row's next token: argmax, or (sampling program) temperature → top-k → top-p and a draw with the key
-    (seed, row, step), the key offline generate uses for batch row `row`."""
+def pick(logits_BxV, knobs: RowKnobs, step_B, live_B):
+    """Each row's next token: argmax, or temperature → top-k → top-p and a draw with the key (seed, row, step), the
+    key offline generate uses for batch row `row`. The sampling branch runs only when a live row samples (lax.cond),
+    so an all-greedy batch pays for the argmax alone and one program serves both."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    if not sampling:
-        return greedy_B
-    scores_BxV = jax.vmap(_warp_row)(logits_BxV, knobs.temperature_B, knobs.top_k_B, knobs.top_p_threshold_B)
-    keys_B = jax.vmap(lambda s, r, t: row_keys(s, r[None], t)[0])(knobs.seed_B, knobs.row_B, step_B)
-    return jnp.where(knobs.greedy_B, greedy_B, sample(scores_BxV, keys_B))
+
+    def sampled(_):
+        scores_BxV = jax.vmap(_warp_row)(logits_BxV, knobs.temperature_B, knobs.top_k_B, knobs.top_p_threshold_B)
+        keys_B = jax.vmap(lambda s, r, t: row_keys(s, r[None], t)[0])(knobs.seed_B, knobs.row_B, step_B)
+        return jnp.where(knobs.greedy_B, greedy_B, sample(scores_BxV, keys_B))
+
+    return lax.cond(jnp.any(live_B & ~knobs.greedy_B), sampled, lambda _: greedy_B, None)
 
 
-def decode_chunk(params, slots: Slots, knobs: RowKnobs, *, config, k: int, sampling: bool, logprobs: bool,
-                 span: int, rows: int):
+def decode_chunk(params, slots: Slots, knobs: RowKnobs, *, config, k: int, span: int, rows: int):
     """Up to `knobs.n_steps` (<= k) decode steps for the first `rows` rows (every busy row is among them),
     attending to their first `span` slots (every live row's positions stay below it during the chunk); returns
     (slots, Chunk of `rows` rows).
@@ -113,7 +119,7 @@ def decode_chunk(params, slots: Slots, knobs: RowKnobs, *, config, k: int, sampl
                                       index=c.index[:rows]), last_B=full.last_B[:rows])
         knobs = knobs.replace(**{f.name: getattr(knobs, f.name)[:rows] for f in dataclasses.fields(knobs)
                                  if f.name.endswith("_B")})
-    slots, out = _decode_steps(params, slots, knobs, config=config, k=k, sampling=sampling, logprobs=logprobs)
+    slots, out = _decode_steps(params, slots, knobs, config=config, k=k)
     if corner:
         # dynamic_update_slice, not .at[:rows, :span].set: XLA's CPU scatter loops element by element.
         put = lambda big, part: lax.dynamic_update_slice(big, part, (0,) * big.ndim)
@@ -123,9 +129,8 @@ def decode_chunk(params, slots: Slots, knobs: RowKnobs, *, config, k: int, sampl
     return slots, out
 
 
-def _decode_steps(params, slots: Slots, knobs: RowKnobs, *, config, k: int, sampling: bool, logprobs: bool):
-    B, V = slots.last_B.shape[0], config.vocab_size
-    T = TOP_LOGPROBS if logprobs else 0
+def _decode_steps(params, slots: Slots, knobs: RowKnobs, *, config, k: int):
+    B, V, T = slots.last_B.shape[0], config.vocab_size, TOP_LOGPROBS
     out = Chunk(
         tokens_BxK=jnp.full((B, k), -1, jnp.int32), n_B=jnp.zeros(B, jnp.int32), eos_B=jnp.zeros(B, bool),
         logprob_BxK=jnp.zeros((B, k), jnp.float32), top_ids_BxKxT=jnp.zeros((B, k, T), jnp.int32),
@@ -149,23 +154,27 @@ def _decode_steps(params, slots: Slots, knobs: RowKnobs, *, config, k: int, samp
         logits_Bx1xV, cache = model.forward(params, tokens_Bx1, config, positions_BxT=positions_Bx1, cache=s.cache)
         cache = cache.replace(index=jnp.where(live_B, cache.index, index_B))
         logits_BxV = logits_Bx1xV[:, 0, :V]
-        token_B = jnp.where(live_B, pick(logits_BxV, knobs, knobs.step_B + o.n_B, sampling), -1)
+        token_B = jnp.where(live_B, pick(logits_BxV, knobs, knobs.step_B + o.n_B, live_B), -1)
         o = o.replace(
             tokens_BxK=o.tokens_BxK.at[:, t].set(token_B),
             n_B=o.n_B + live_B,
             eos_B=o.eos_B | (live_B & knobs.use_eos_B & jnp.isin(token_B, knobs.eos_ids)),
         )
-        if logprobs:
-            logp_BxV = jax.nn.log_softmax(logits_BxV)
-            top_lp_BxT, top_ids_BxT = lax.top_k(logp_BxV, T)
-            chosen_B = jnp.take_along_axis(logp_BxV, jnp.maximum(token_B, 0)[:, None], axis=-1)[:, 0]
-            o = o.replace(logprob_BxK=o.logprob_BxK.at[:, t].set(chosen_B),
-                          top_ids_BxKxT=o.top_ids_BxKxT.at[:, t].set(top_ids_BxT.astype(jnp.int32)),
-                          top_logprob_BxKxT=o.top_logprob_BxKxT.at[:, t].set(top_lp_BxT))
+        o = lax.cond(knobs.logprobs, _with_logprobs, lambda o, *_: o, o, logits_BxV, token_B, t)
         return t + 1, s.replace(cache=cache, last_B=jnp.where(live_B, token_B, s.last_B)), o
 
     _, slots, out = lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), slots, out))
     return slots, out
+
+
+def _with_logprobs(o: Chunk, logits_BxV, token_B, t) -> Chunk:
+    """Step t's log-probability of each chosen token and the TOP_LOGPROBS likeliest, under the model's logits."""
+    logp_BxV = jax.nn.log_softmax(logits_BxV)
+    top_lp_BxT, top_ids_BxT = lax.top_k(logp_BxV, TOP_LOGPROBS)
+    chosen_B = jnp.take_along_axis(logp_BxV, jnp.maximum(token_B, 0)[:, None], axis=-1)[:, 0]
+    return o.replace(logprob_BxK=o.logprob_BxK.at[:, t].set(chosen_B),
+                     top_ids_BxKxT=o.top_ids_BxKxT.at[:, t].set(top_ids_BxT.astype(jnp.int32)),
+                     top_logprob_BxKxT=o.top_logprob_BxKxT.at[:, t].set(top_lp_BxT))
 
 
 def prefill(params, slots: Slots, tokens_bxP, lengths_b, last_b, rows_b, *, config):
@@ -200,6 +209,7 @@ def score(params, tokens_bxP, *, config):
 # Jitted programs shared by every engine: params and slots are arguments, so another engine for the same config
 # (or the same model loaded again) reuses the executables. Each entry counts its traces (= compilations).
 _JITTED: dict[tuple, tuple] = {}
+_COUNT_LOCK = threading.Lock()
 
 
 def _jitted(fn, donate: tuple, mesh=None, shardings=None, **static):
@@ -209,7 +219,8 @@ def _jitted(fn, donate: tuple, mesh=None, shardings=None, **static):
         count = [0]
 
         def traced(*args):
-            count[0] += 1
+            with _COUNT_LOCK:  # warm-up traces programs in parallel threads
+                count[0] += 1
             return fn(*args, **static)
 
         if mesh is None:
@@ -222,9 +233,10 @@ def _jitted(fn, donate: tuple, mesh=None, shardings=None, **static):
 class Programs:
     """The jitted programs for one model and slot count, and the shape buckets they are compiled for.
 
-    Buckets: prompt prefixes to powers of two (>= 16, <= the context), prefill batches to powers of two up to
-    `max_prefill`; the decode chunk has one program per (sampling, logprobs, attention span, row count). `compiles` counts the
-    compilations of these programs (by this engine or another one for the same config).
+    Buckets: prompt prefixes to powers of two (>= 16, <= the context), prefill batches of 1 or `max_prefill`; the decode chunk has one program per (attention span, row count): greedy and sampled rows, with
+    or without log-probabilities, share it (lax.cond skips the work no row asks for), which cut a cold start's
+    programs (with prefill batches of 1 or `max_prefill` only) from 44 to 21 for the 256-token baby model. `compiles` counts the compilations of these programs (by
+    this engine or another one for the same config).
 
     `mesh` (decode/mesh.resolve's Mesh, or None for one device): params tensor-parallel, the slot cache and the
     decode chunk's rows over data x fsdp, prefill and score inputs (a few prompts) and the knobs replicated.
@@ -249,10 +261,8 @@ class Programs:
                          "empty": slots}
         self.params, self._shardings = params, shardings
         jit = lambda what, fn, donate, **static: _jitted(fn, donate, mesh, shardings[what], **static)
-        self._decode = {(s, lp, span, rows): jit("decode", decode_chunk, (1,), config=config, k=chunk, sampling=s,
-                                                 logprobs=lp, span=span, rows=rows)
-                        for s in (False, True) for lp in (False, True) for span in self.spans()
-                        for rows in self.row_counts()}
+        self._decode = {(span, rows): jit("decode", decode_chunk, (1,), config=config, k=chunk, span=span, rows=rows)
+                        for span in self.spans() for rows in self.row_counts()}
         self._prefill = jit("prefill", prefill, (1,), config=config)
         self._score = jit("score", score, (), config=config)
 
@@ -298,7 +308,9 @@ class Programs:
         return bucket(max(n, 1), self.config.n_positions)
 
     def prefill_batch(self, n: int) -> int:
-        return min(batch_bucket(n, 1), self.max_prefill)
+        """One prompt alone (the common case at low load: no filler rows), else `max_prefill` rows: two programs
+        per prompt bucket instead of one per power of two keep a cold start short."""
+        return 1 if n <= 1 else self.max_prefill
 
     def buckets(self) -> tuple[list[int], list[int]]:
         """(prompt-length buckets, prefill batch buckets): every shape a request can reach."""
@@ -309,10 +321,24 @@ class Programs:
         batches = sorted({self.prefill_batch(n) for n in range(1, self.max_prefill + 1)})
         return lengths, batches
 
+    def warmup_jobs(self, slots: Slots, knobs: RowKnobs, score: bool = True) -> list:
+        """One callable per program and bucket serving can reach, each compiling it for the argument types the
+        calls use (so the calls find it compiled), biggest first: they may run in parallel threads."""
+        lengths, batches = self.buckets()
+        B = self.n_slots
+        jobs = [(P * b, self._prefill[0], (self.params, slots, np.zeros((b, P), np.int32), np.zeros(b, np.int32),
+                                          np.zeros(b, np.int32), np.full(b, B, np.int32)))
+                for P in lengths for b in batches]
+        if score:
+            jobs += [(P, self._score[0], (self.params, np.zeros((1, P), np.int32))) for P in lengths]
+        jobs += [(span * rows, fn, (self.params, slots, knobs)) for (span, rows), (fn, _) in self._decode.items()]
+        jobs.sort(key=lambda job: -job[0])
+        return [lambda fn=fn, args=args: fn.lower(*args).compile() for _, fn, args in jobs]
+
     # -- calls -----------------------------------------------------------------------------------------------
 
-    def decode(self, slots: Slots, knobs: RowKnobs, sampling: bool, logprobs: bool, span: int, rows: int):
-        return self._decode[(sampling, logprobs, span, rows)][0](self.params, slots, knobs)
+    def decode(self, slots: Slots, knobs: RowKnobs, span: int, rows: int):
+        return self._decode[(span, rows)][0](self.params, slots, knobs)
 
     def prefill(self, slots: Slots, tokens_bxP, lengths_b, last_b, rows_b) -> Slots:
         return self._prefill[0](self.params, slots, tokens_bxP, lengths_b, last_b, rows_b)

@@ -2,8 +2,13 @@
 
 Requests are strict: a string where a number belongs is a 400, not a silent conversion (pydantic's default would
 turn "0.7" into 0.7 and `true` into 1). Unknown fields are ignored, as OpenAI-compatible servers do, except the
-ones whose meaning this server cannot honour (`suffix`, `best_of`, penalties, `logit_bias`): those are refused in
-app.py rather than quietly dropped.
+ones whose meaning this server cannot honour (`suffix`, `best_of`, penalties, `logit_bias`, forced tool calls,
+JSON modes, the legacy `functions`): those are declared here and refused in handlers.py rather than quietly
+dropped. Fields that change a chat prompt (`tools`, `documents`, `chat_template_kwargs`) are rendered by the
+template, as `apply_chat_template` renders them.
+
+Responses carry `seed`, an extension: the seed a sampled request used (drawn fresh when the request gave none),
+so any sample can be reproduced by sending it back; null for greedy requests.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ class CompletionRequest(_Sampled):
 
 class ChatRequest(_Sampled):
     messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None  # rendered by the chat template (HF's apply_chat_template(tools=…))
+    documents: list[dict[str, Any]] | None = None  # likewise (retrieval-augmented templates)
+    chat_template_kwargs: dict[str, Any] | None = None  # extra template variables (vLLM's), e.g. enable_thinking
+    tool_choice: str | dict[str, Any] | None = None  # only "auto"/"none": forcing a call is not supported
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools: refused, naming `tools`
+    function_call: str | dict[str, Any] | None = None
     max_tokens: int | None = None  # default: whatever the context leaves
     max_completion_tokens: int | None = None
     logprobs: bool = False
@@ -85,6 +98,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    seed: int | None = None  # the sampling seed used (an extension; null when greedy)
 
 
 class TopLogprob(BaseModel):
@@ -120,6 +134,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    seed: int | None = None  # the sampling seed used (an extension; null when greedy)
 
 
 class Delta(BaseModel):
@@ -141,6 +156,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    seed: int | None = None  # the sampling seed used (an extension; null when greedy)
 
 
 class Model(BaseModel):

@@ -1,62 +1,11 @@
-"""Token ids → the text a client sees: incremental decoding, stop strings, per-token strings and byte offsets."""
+"""What `logprobs` reports for each token: its string and exact bytes, and character offsets. (A sequence's text,
+streamed with stop strings, comes from aigc_jax/prompts.py, as offline generation's does.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from tokenizers import decoders
-
-
-class TextStream:
-    """The text of one generated sequence, released piece by piece.
-
-    Decoding a prefix of the ids can end inside a UTF-8 character (byte-level BPE), and the end of the text may be
-    the start of a stop string: both are held back until more tokens decide. A stop string ends the text before
-    it (OpenAI leaves the stop sequence out)."""
-
-    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
-        self.decode, self.stop = decode, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = 0  # characters released so far
-        self.text = ""  # the text released so far
-        self.stopped = False
-        self._hold = max(map(len, self.stop), default=1) - 1
-
-    def add(self, ids: Sequence[int]) -> str:
-        """New text released by `ids`. When a stop string appears, `stopped` is set, `ids` ends at the token that
-        completed it and nothing more comes."""
-        if self.stopped:
-            return ""
-        if not self.stop:
-            self.ids.extend(ids)
-            stable = self.decode(self.ids).rstrip("\ufffd")
-            return self._release(stable, len(stable))
-        pieces = []
-        for t in ids:  # token by token: the stop string must end the text at the right token
-            self.ids.append(t)
-            text = self.decode(self.ids)
-            start = max(0, self.sent - self._hold)
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.stopped = True
-                pieces.append(self._release(text, min(hits)))
-                break
-            stable = text.rstrip("\ufffd")
-            pieces.append(self._release(stable, len(stable) - self._hold))
-        return "".join(pieces)
-
-    def finish(self) -> str:
-        """The rest of the text once the sequence ended (a trailing partial character shows as U+FFFD, as HF)."""
-        if self.stopped:
-            return ""
-        text = self.decode(self.ids)
-        return self._release(text, len(text))
-
-    def _release(self, text: str, upto: int) -> str:
-        upto = max(upto, self.sent)
-        piece, self.sent = text[self.sent:upto], upto
-        self.text = text[:upto]
-        return piece
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -73,7 +22,7 @@ class TokenText:
         self.tokenizer = tokenizer
         self._byte_level = isinstance(tokenizer.hf.decoder, decoders.ByteLevel)
         self._bytes_of = _byte_decoder() if self._byte_level else {}
-        self._special = {tokenizer.eot_id}
+        self._special = set(tokenizer.hf.get_added_tokens_decoder())  # e.g. BOS, <|eot_id|>: not byte-mapped
 
     def bytes(self, token_id: int) -> bytes:
         """The exact bytes of one token (byte-level BPE tokens may be part of a UTF-8 character)."""
