@@ -267,6 +267,13 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
+def preset_is_not_weights(name: str, how: str) -> ConfigError:
+    """The error for a preset name given where trained weights are expected. Presets share names with hub ids
+    ("gpt2"), so running one silently would hand back random weights to someone who asked for OpenAI's."""
+    return ConfigError(f"{name!r} is a preset (an architecture with random weights), not trained weights: pass a "
+                       f"model dir, training workdir or HF dir, or {how}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generic dataclass helpers: dict -> dataclass with type checks, "key=value" overrides, JSON/TOML files.
 

@@ -230,7 +230,7 @@ def test_eval_batch_size_overrides_the_micro_batch(corpus, tmp_path):
 
 def test_a_second_process_reuses_the_compiled_programs(tmp_path):
     cache = tmp_path / "jax-cache"
-    args = ["generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0"]
+    args = ["generate", "--model", "tiny", "--random-init", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0"]
     first = run_cli(*args, env={"AIGC_COMPILE_CACHE": str(cache)})
     assert first.returncode == 0, first.stderr
     entries = set(os.listdir(cache))
