@@ -4,11 +4,11 @@ what is already on disk as it was (and writes nothing where it refuses to run)."
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_cli
+from conftest import cli_in_process as cli
 
 TINY = ["--model", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress"]
 
@@ -52,15 +52,6 @@ def tiny(tmp_path_factory) -> dict:
 def train(tiny, workdir, *extra, timeout=120):
     return run_cli("train", *TINY, "--data", tiny["data"], "--data-dir", tiny["data_dir"], "--workdir", workdir,
                    "--steps", "2", *extra, timeout=timeout)
-
-
-def cli(capsys, *args) -> subprocess.CompletedProcess:
-    """`aigc-jax ARGS…` in this process (no start-up cost), for errors raised before any model work."""
-    from aigc_jax.cli import main
-
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 def test_config_file_that_is_not_a_mapping(tiny, tmp_path):
@@ -155,3 +146,15 @@ def test_a_preset_where_weights_are_expected_is_an_error_unless_random_weights_a
     assert ok.returncode == 0, ok.stderr
     assert api.load("tiny", random_init=True).config == api.configs.get_preset("tiny")
     assert_one_line_error(cli(capsys, "generate", "--model", tmp_path, "--random-init", *gen), "takes a preset name")
+
+
+def test_every_train_flag_says_its_default():
+    from aigc_jax.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    train = sub.choices["train"]
+    flags = [a for a in train._actions if a.option_strings and a.dest not in ("help", "workdir")]
+    assert len(flags) > 20
+    for action in flags:
+        assert "default" in (action.help or ""), action.option_strings
+    assert "(default: 0.0006)" in train.format_help().replace("\n", " ").replace("  ", " ")

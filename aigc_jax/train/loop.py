@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -74,6 +75,7 @@ def prepare(
     init_from: str | None = None,
     dataset: data.TokenData | None = None,
     model_overrides: dict | None = None,
+    explicit: dict | None = None,
 ) -> Run:
     """Validates the run against data, devices and an existing workdir. Writes nothing.
 
@@ -81,15 +83,16 @@ def prepare(
     the tokenizer). A fine-tune (`init_from`: model dir, workdir or HF dir) takes the source's whole config,
     runtime settings included (e.g. its dropout), and changes only the RUNTIME_KEYS in `model_overrides`; pass no
     `model_config` then. `dataset`: tokens already loaded (e.g. on a machine without tensorflow-datasets); it is
-    used instead of loading `data_source`, which then only names the data in run.json."""
+    used instead of loading `data_source`, which then only names the data in run.json. `explicit`: which flag set
+    each recorded key ("train.lr" -> "--lr 0.1"), so that a resume contradicting the workdir names the flag."""
     overrides = dict(model_overrides or {})
     if init_from and model_config is not None:
         raise UserError("--init-from takes the architecture from its source: drop --model/--config model keys "
                         "(runtime settings such as dropout go in --set)")
     _check_workdir(workdir)
-    if not init_from:
-        _check_tokenizer_spec(tokenizer_spec)
     previous = ckpt.read_run_file(workdir)
+    if not init_from and previous is None:  # a resume reads its tokenizer from the workdir, wherever it came from
+        _check_tokenizer_spec(tokenizer_spec)
     if previous is None and not _is_unfinished_start(workdir):
         raise UserError(f"--workdir {workdir} is not empty and holds no aigc_jax run; choose a new or empty directory")
     resume_step = ckpt.latest_step(workdir) if previous is not None else None
@@ -112,7 +115,7 @@ def prepare(
         tokenizer = _make_tokenizer(tokenizer_spec, data_source, data_dir)
     if init_from:
         model_config = _finetune_config(model_config, overrides)
-        tokenizer_spec = f"from:{init_from}"
+        tokenizer_spec = previous["tokenizer"] if previous is not None else f"from:{init_from}"
     elif model_config is None:
         model_config = configs.get_preset("baby")
     if not init_from:
@@ -129,17 +132,12 @@ def prepare(
     n_dev = jax.device_count()
     layout = Layout.resolve(train_config, model_config)
 
-    if dataset is None:
-        dataset = data.load(data_source, tokenizer, data_dir=data_dir)
-    # Too little text for one window (train or validation) must fail here, not in train() after the run files exist.
-    data.Batches(dataset.train, seq_len, train_config.batch_size, train_config.seed,
-                 shift_windows=train_config.shift_windows)
-    data.num_eval_batches(dataset.validation, seq_len, train_config.batch_size // train_config.grad_accum)
     record = {
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
         "data": data_source,
-        "data_hash": dataset.content_hash,
+        "data_hash": None,  # below, once the data is loaded
+        "data_dir": os.path.abspath(data_dir) if data_dir else None,  # where its token cache is: not compared
         "tokenizer": tokenizer_spec,
         "tokenizer_hash": data.tokenizer_hash(tokenizer),
         "init_from": os.path.abspath(init_from) if init_from else None,
@@ -147,9 +145,18 @@ def prepare(
         "runtime": {"dtype": configs.compute_dtype(model_config).name, "backend": jax.default_backend(),
                     "devices": n_dev},
     }
+    if previous is not None:  # before the data load, which may take minutes
+        _check_same_settings(workdir, previous, record, explicit or {})
+    if dataset is None:
+        dataset = data.load(data_source, tokenizer, data_dir=data_dir)
+    # Too little text for one window (train or validation) must fail here, not in train() after the run files exist.
+    data.Batches(dataset.train, seq_len, train_config.batch_size, train_config.seed,
+                 shift_windows=train_config.shift_windows)
+    data.num_eval_batches(dataset.validation, seq_len, train_config.batch_size // train_config.grad_accum)
+    record["data_hash"] = dataset.content_hash
     notes = [_settings_line(model_config, train_config, init_from, overrides)]
     if previous is not None:
-        _check_same_run(workdir, previous, record)
+        _check_same_data(workdir, previous, record)
         notes += _resume_notes(previous, record, resume_step)
     return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step, tuple(notes),
                layout)
@@ -252,30 +259,55 @@ def _make_tokenizer(spec: str, data_source: str, data_dir: str | None) -> tok.To
     return tok.load(spec)
 
 
-def _check_same_run(workdir: str, previous: dict, record: dict) -> None:
-    hint = "re-run with the original settings or use a new --workdir"
-    for section in ("model", "data", "tokenizer", "init_from"):
-        old, new = previous.get(section), record[section]
-        if section == "model" and isinstance(old, dict):
-            old = {"family": "gpt2", **old}  # run.json from before families recorded none
-        if old != new:
-            if isinstance(old, dict) and isinstance(new, dict):
-                key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-                section, old, new = f"{section}.{key}", old.get(key), new.get(key)
-            raise UserError(f"--workdir {workdir} holds a run with {section}={old!r}, this command has {new!r}; {hint}")
-    # Content, not names: the same --data path with other text.
+def _check_same_settings(workdir: str, previous: dict, record: dict, explicit: dict) -> None:
+    for key, old, new in _setting_differences(previous, record):
+        flag = explicit.get(key) or explicit.get(key.partition(".")[0])
+        if flag:  # the workdir alone resumes a run: a flag given that disagrees with it is the thing to drop
+            raise UserError(f"{flag} contradicts --workdir {workdir}, whose run has {key}={old!r} (this command: "
+                            f"{new!r}); drop {flag} to resume it, or use a new --workdir")
+        raise UserError(f"--workdir {workdir} holds a run with {key}={old!r}, this command has {new!r}; re-run with "
+                        "the original settings or use a new --workdir")
+
+
+def _check_same_data(workdir: str, previous: dict, record: dict) -> None:
+    """Content, not names: the same --data path with other text."""
     if previous.get("data_hash") is not None and previous["data_hash"] != record["data_hash"]:
         raise UserError(f"--workdir {workdir}: --data {record['data']} now holds different tokens (data_hash "
                         f"{record['data_hash']}, the run has {previous['data_hash']}); restore the original data or "
                         "use a new --workdir")
+
+
+def _setting_differences(previous: dict, record: dict):
+    """(key, recorded value, this command's value) for each setting a resume may not change, compared as JSON
+    (run.json has lists where configs have tuples)."""
+    for section in ("model", "data", "tokenizer", "init_from"):
+        old, new = _as_json(previous.get(section)), _as_json(record[section])
+        if section == "model" and isinstance(old, dict):
+            old = _as_json(_model_dict(old))
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(set(old) | set(new), key=lambda k: (k != "family", k))  # another family differs everywhere
+            yield from ((f"{section}.{k}", old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k))
+        elif old != new:
+            yield section, old, new
     old_train, new_train = previous.get("train", {}), record["train"]
     for key in sorted(set(old_train) | set(new_train)):
         if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
             default = getattr(TrainConfig(), key, None)  # a key added since the run started: its default is what ran
             if key not in old_train and new_train.get(key) == default:
                 continue
-            raise UserError(f"--workdir {workdir} holds a run with train.{key}={old_train.get(key)!r}, this command "
-                            f"has {new_train.get(key)!r}; {hint}")
+            yield f"train.{key}", old_train.get(key), new_train.get(key)
+
+
+def _model_dict(recorded: dict) -> dict:
+    """A recorded model config as this version writes it: keys added since then take the defaults that ran."""
+    try:
+        return configs.config_from_dict(recorded).to_dict()
+    except UserError:  # not a config this version can build: compare it as written
+        return {"family": "gpt2", **recorded}
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))
 
 
 # ---------------------------------------------------------------------------------------------------------
