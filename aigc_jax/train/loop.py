@@ -36,8 +36,9 @@ from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.errors import UserError
 from aigc_jax.model import flops_per_token, init_params
 from aigc_jax.train import optimizer as optim
+from aigc_jax.train import progress
 from aigc_jax.train.config import RESUMABLE_CHANGES, TrainConfig
-from aigc_jax.train.metrics import MetricsWriter, eval_summary, peak_flops_per_device
+from aigc_jax.train.metrics import MetricsWriter, check_tracking, eval_summary, peak_flops_per_device
 from aigc_jax.train.layout import Layout, memory_plan
 
 # What a fresh start writes before run.json: a workdir holding only these (and temporary files) was killed
@@ -125,6 +126,7 @@ def prepare(
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size}")
 
+    check_tracking(train_config.wandb_project)
     seq_len = train_config.seq_len or model_config.n_positions
     if seq_len > model_config.n_positions:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context n_positions={model_config.n_positions}")
@@ -354,15 +356,14 @@ def train(run: Run, log=print) -> dict:
         return layout.place(rows)
 
     evaluate = functools.partial(_evaluate, run=run, max_batches=cfg.eval_batches)
-    evaluate_all = functools.partial(_evaluate, run=run, max_batches=0)
     batch = place(start) if start < cfg.steps else None
     if batch is not None:
         _log_memory_plan(step_fn, state, batch, abstract, layout, log)
-    writer = MetricsWriter(run.workdir, enabled=primary)
+    writer = MetricsWriter(run.workdir, primary, cfg.wandb_project, cfg.wandb_mode, run.record)
     flops = flops_per_token(mcfg, cfg.seq_len)
     peak = peak_flops_per_device(cfg.mfu_peak_tflops)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = _progress(cfg, start, primary)
+    bar = progress.Steps(cfg.steps, start, cfg.log_every, progress.wants_bar(cfg.progress)) if primary else None
 
     last: dict = {}
     saved = run.resume_step  # the step of the newest checkpoint on disk (or being written)
@@ -383,7 +384,10 @@ def train(run: Run, log=print) -> dict:
                 checkpoints.save(done, state, _meta(done, run))
                 saved = done
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                writer.write(done, "eval", evaluate(state.params))
+                estimate = evaluate(state.params)
+                writer.write(done, "eval", estimate)
+                if bar is not None:
+                    bar.validation(estimate["loss"])
             if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
                 _log_samples(run, state.params, done, writer, log)
             if last.get("stop"):  # some host was signalled: every host sees it at this same step and stops here
@@ -401,7 +405,9 @@ def train(run: Run, log=print) -> dict:
         result = {"step": final_step, **{k: last[k] for k in ("loss",) if k in last}}
         if final_step > start or cfg.eval_every:
             # The final figure is a complete pass over the validation split, never an estimate.
-            result.update({f"val_{k}": v for k, v in evaluate_all(state.params).items()})
+            shown = primary and progress.wants_bar(cfg.progress)  # else plain lines (on the primary host only)
+            final = _evaluate(state.params, run, 0, "final validation" if primary else None, shown)
+            result.update({f"val_{k}": v for k, v in final.items()})
             writer.write(final_step, "eval", {k[4:]: v for k, v in result.items() if k.startswith("val_")})
         if cfg.sample_every:
             _log_samples(run, state.params, final_step, writer, log)
@@ -469,26 +475,33 @@ def _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar) -> 
     if step % cfg.log_every == 0 or step == cfg.steps:
         writer.write(step, "train", values)
     if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        bar.step(step, values)
     return values
 
 
-def _evaluate(params, run: Run, max_batches: int = 0) -> dict:
+def _evaluate(params, run: Run, max_batches: int = 0, shown_as: str | None = None, bar: bool = False) -> dict:
     """Validation loss, perplexity and bits per byte: a complete pass (max_batches=0), or an estimate of the
     whole split from `max_batches` batches of windows drawn across it with a fixed seed (the same at every eval).
-    `tokens` says how many tokens the figure is over.
+    `tokens` says how many tokens the figure is over. `shown_as`: the name under which a complete pass (which can
+    take minutes) shows its progress, as a bar or as plain lines.
 
     Batches are training micro-batches (batch_size / grad_accum rows): a recipe that accumulates gradients to fit
     in memory would not fit a whole batch's logits at once."""
     cfg, layout = run.train_config, run.layout
     fn = _eval_fn(run.model_config, layout, jax.tree.map(lambda x: x.sharding, params))
     nll, count = 0.0, 0.0
-    batches = data.eval_batches(run.data.validation, cfg.seq_len, cfg.batch_size // cfg.grad_accum,
-                                jax.process_index(), jax.process_count(), max_batches=max_batches, seed=cfg.seed)
-    for rows in batches:
+    rows_per_batch = cfg.batch_size // cfg.grad_accum
+    batches = data.eval_batches(run.data.validation, cfg.seq_len, rows_per_batch, jax.process_index(),
+                                jax.process_count(), max_batches=max_batches, seed=cfg.seed)
+    total_rows = data.num_eval_rows(run.data.validation, cfg.seq_len)
+    shown = progress.Tokens(shown_as, total_rows * cfg.seq_len, bar) if shown_as and not max_batches else None
+    for i, rows in enumerate(batches):
         out = jax.device_get(fn(params, layout.place(rows)))
         nll, count = nll + float(out["nll"]), count + float(out["tokens"])
+        if shown is not None:
+            shown.update(min(rows_per_batch, total_rows - i * rows_per_batch) * cfg.seq_len)
+    if shown is not None:
+        shown.close()
     return eval_summary(nll, count, run.data.bytes_per_token)
 
 
@@ -515,14 +528,6 @@ def _log_samples(run: Run, params, step: int, writer, log) -> None:
         text = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eot_id else ids)
         writer.write(step, "sample", {"index": i, "text": text})
         log(f"--- sample {i} at step {step} ---\n{text}")
-
-
-def _progress(cfg: TrainConfig, start: int, primary: bool):
-    if not (cfg.progress and primary):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 class _StopFlag:
@@ -578,4 +583,5 @@ def evaluate_workdir(workdir: str, split: str = "validation", data_source: str |
     if split == "train":
         dataset = dataclasses.replace(dataset, validation=dataset.train)
     run = Run(workdir, config, train_cfg, tokenizer, dataset, record, layout=layout)
-    return _evaluate(params, run, max_batches)
+    shown_as = f"{split} pass" if jax.process_index() == 0 else None
+    return _evaluate(params, run, max_batches, shown_as, progress.wants_bar(True))
