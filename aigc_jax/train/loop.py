@@ -10,8 +10,10 @@ of non-finite steps halts without touching the last good checkpoint.
 
 Resume is checked, not trusted: run.json records the model config, the data source *and a hash of its token
 stream*, the tokenizer spec *and its hash*, and the fine-tuning source; a re-run that differs in any of them
-(other than the keys in RESUMABLE_CHANGES) is a one-line error naming both values. A resumed run reads its
-tokenizer and model config from the workdir, never from the corpus or the `--init-from` source again.
+(other than the keys in RESUMABLE_CHANGES) is a one-line error naming both values, and the flag that set it when
+the caller says (`explicit`: the CLI fills what was not given from run.json, so only a given flag can differ).
+A resumed run reads its tokenizer and model config from the workdir, never from the corpus or the `--init-from`
+source again.
 """
 
 from __future__ import annotations
