@@ -149,16 +149,18 @@ def _is_token_id(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def load(src: str, parallel: str = "none", overrides: dict | None = None, mesh=None) -> LM:
-    """An LM from a model dir, a training workdir, an HF GPT-2 dir, or a preset name (random weights, byte-level
-    tokenizer when the vocabulary is 257: for smoke tests and timing). `overrides`: RUNTIME_KEYS only.
+def load(src: str, parallel: str = "none", overrides: dict | None = None, mesh=None, random_init: bool = False) -> LM:
+    """An LM from a model dir, a training workdir or an HF GPT-2/Llama/Qwen2/Mistral dir. A preset name is an
+    error unless `random_init=True` asks for its random weights (byte-level tokenizer when the vocabulary is 257:
+    for smoke tests and timing). `overrides`: RUNTIME_KEYS only.
     `mesh`: "data=D,fsdp=F,tensor=T" (or a sharding.make_mesh Mesh) to decode on a device mesh; None: one device
     (or `parallel`'s data parallelism).
     Turns on JAX's persistent compilation cache (aigc_jax/compile_cache.py) so a new process reuses executables."""
     compile_cache.enable()
+    check_source(src, random_init)
     if _decode_mode(parallel, mesh) == "mesh":
         mesh = decode_mesh.resolve(mesh)  # a bad --mesh is an error before the (slow) model load
-    config, params, tokenizer = load_model(src)
+    config, params, tokenizer = load_model(src, random_init)
     if overrides:
         unknown = sorted(set(overrides) - set(RUNTIME_KEYS))
         if unknown:
@@ -168,9 +170,20 @@ def load(src: str, parallel: str = "none", overrides: dict | None = None, mesh=N
     return LM(config, params, tokenizer, parallel, mesh)
 
 
-def load_model(src: str):
+def check_source(src: str, random_init: bool = False) -> None:
+    """A one-line error, before anything slow, for a preset without `random_init` or `random_init` without one."""
+    if random_init and src not in configs.PRESETS:
+        raise UserError(f"--random-init (random_init=True) takes a preset name, one of {', '.join(configs.PRESETS)}; "
+                        f"got {src!r}")
+    if not random_init and src in configs.PRESETS and not os.path.exists(src):
+        raise configs.preset_is_not_weights(src, "ask for random weights on purpose with --random-init "
+                                            "(aj.load(name, random_init=True))")
+
+
+def load_model(src: str, random_init: bool = False):
     """(config, params, tokenizer or None) for anything `load` accepts."""
-    if not os.path.exists(src) and src in configs.PRESETS:
+    check_source(src, random_init)
+    if random_init:
         import jax
 
         config = configs.get_preset(src)

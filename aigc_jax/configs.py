@@ -267,6 +267,13 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
+def preset_is_not_weights(name: str, how: str) -> ConfigError:
+    """The error for a preset name given where trained weights are expected. Presets share names with hub ids
+    ("gpt2"), so running one silently would hand back random weights to someone who asked for OpenAI's."""
+    return ConfigError(f"{name!r} is a preset (an architecture with random weights), not trained weights: pass a "
+                       f"model dir, training workdir or HF dir, or {how}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Generic dataclass helpers: dict -> dataclass with type checks, "key=value" overrides, JSON/TOML files.
 
@@ -403,23 +410,29 @@ def model_config(
     """Preset, then the file's "model" section (or the whole file), then overrides, in that order."""
     config = get_preset(preset)
     if file:
-        data = load_file(file)
-        # Either a whole-run file with a "model" section (and others, e.g. "train"), or bare model keys.
-        sections = {"model", "train", "data"}
-        section = data.get("model", {}) if sections & set(data) else data
-        config = with_overrides(config, section, "model.")
+        config = with_overrides(config, model_section(load_file(file)), "model.")
     if overrides:
         config = with_overrides(config, overrides, "model.")
     return config
 
 
-def add_model_args(p, default: str | None = "gpt2") -> None:
-    """--model / --config / --set on an argparse parser: every command that builds a model from a preset."""
+def model_section(data: dict) -> dict:
+    """A config file's model keys: a whole-run file has a "model" section (and others, e.g. "train"); a model
+    file holds bare model keys."""
+    return data.get("model", {}) if {"model", "train", "data"} & set(data) else data
+
+
+def add_model_args(p, default: str | None = "gpt2", shown_default: str | None = None) -> None:
+    """--model / --config / --set on an argparse parser: every command that builds a model from a preset.
+    `shown_default`: what --help says --model defaults to, where that is not `default` itself."""
+    shown = shown_default or default
     p.add_argument("--model", default=default, help=f"preset name: {', '.join(PRESETS)}"
-                   + (f" (default {default})" if default else ""))
-    p.add_argument("--config", metavar="FILE", help="JSON/TOML file with a 'model' section (or model keys at the top)")
+                   + (f" (default: {shown})" if shown else ""))
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON/TOML file with a 'model' section (or model keys at the top) (default: none)")
     p.add_argument(
-        "--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key (repeatable)"
+        "--set", metavar="KEY=VALUE", action="append", default=[],
+        help="override a config key (repeatable; default: none)"
     )
 
 

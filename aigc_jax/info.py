@@ -65,18 +65,49 @@ def run(args) -> int:
         new = seq_len // 2 if args.new_tokens is None else args.new_tokens
         if args.new_tokens is not None and not 1 <= new < seq_len:
             raise UserError(f"--new-tokens must be in [1, seq-len={seq_len}), got {new}")
-        out["train"] = {"batch_size": batch, "seq_len": seq_len, "grad_accum": args.grad_accum,
-                        **layout.plan(cfg, tc, optimizer.make(tc))}
+        out["train"] = _train_section(layout.plan(cfg, tc, optimizer.make(tc)), batch, seq_len, args.grad_accum)
         if not args.no_decode and new >= 1:
             # Decoding shards weights over tensor only (DECODE_RULES) and rows over data x fsdp: same mesh, other plan.
-            out["decode"] = decode_plan.memory_report(cfg, args.mesh or f"data={jax.device_count()}",
-                                                      batch=batch // args.grad_accum, prompt_len=seq_len - new,
-                                                      new_tokens=new)
+            out["decode"] = _decode_section(decode_plan.memory_report(
+                cfg, args.mesh or f"data={jax.device_count()}", batch=batch // args.grad_accum,
+                prompt_len=seq_len - new, new_tokens=new))
     if args.forward:
         params = model.init_params(cfg, jax.random.key(0))
         tokens = jax.random.randint(jax.random.key(1), (2, seq_len), 0, cfg.vocab_size)
         logits, _ = jax.jit(lambda p, t: model.forward(p, t, cfg))(params, tokens)
         out["forward"] = {"logits_shape": list(logits.shape), "logits_dtype": str(logits.dtype),
                           "mean_loss_vs_uniform": float(-jnp.mean(jax.nn.log_softmax(logits)[..., : cfg.vocab_size]))}
-    print(json.dumps(out, indent=2))
+    print(json.dumps(with_human_sizes(out), indent=2))
     return 0
+
+
+# Both plans say the same things the same way: the mesh as "data=D,fsdp=F,tensor=T", rows as batch_size, bytes
+# that one device holds as *_bytes_per_device, and each compiled program's figures under its own name.
+
+
+def _train_section(plan: dict, batch: int, seq_len: int, grad_accum: int) -> dict:
+    return {"mesh": plan["mesh"], "devices": plan["devices"], "batch_size": batch, "seq_len": seq_len,
+            "grad_accum": grad_accum, "params_bytes_per_device": plan["params_bytes"],
+            "optimizer_bytes_per_device": plan["optimizer_bytes"],
+            "step": {k[len("step_"):]: v for k, v in plan.items() if k.startswith("step_")}}
+
+
+def _decode_section(report: dict) -> dict:
+    renamed = {"batch": "batch_size", "param_bytes": "params_bytes", "param_bytes_per_device": "params_bytes_per_device"}
+    out = {renamed.get(k, k): v for k, v in report.items()}
+    out["mesh"] = ",".join(f"{axis}={size}" for axis, size in report["mesh"].items())
+    return out
+
+
+def with_human_sizes(tree):
+    """Beside every byte count ("…_bytes…": int) the same size for a person: "…_bytes…_human": "1.50 GiB"."""
+    from aigc_jax.sharding import human_bytes
+
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        out[key] = with_human_sizes(value)
+        if "bytes" in key and isinstance(value, int):
+            out[f"{key}_human"] = human_bytes(value)
+    return out

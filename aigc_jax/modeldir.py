@@ -100,6 +100,8 @@ def _maybe_tokenizer(directory: str) -> tok.Tokenizer | None:
 
 def kind(src: str) -> str:
     """"hf", "model_dir" or "workdir" for a directory; a one-line error for anything else."""
+    if not os.path.exists(src) and src in configs.PRESETS:
+        raise configs.preset_is_not_weights(src, f"train it from random weights with --model {src}")
     if not os.path.exists(src):
         raise UserError(f"model source {src} does not exist (expected a model dir, a training workdir or an HF model dir)")
     if not os.path.isdir(src):

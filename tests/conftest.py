@@ -36,6 +36,15 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd=None)
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
 
 
+def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`aigc-jax ARGS…` in this process: no start-up cost, and programs compiled by earlier calls are reused."""
+    from aigc_jax.cli import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """A user error: non-zero exit, one line on stderr, no traceback, naming what went wrong."""
     assert proc.returncode != 0, proc.stdout

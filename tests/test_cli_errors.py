@@ -4,11 +4,11 @@ what is already on disk as it was (and writes nothing where it refuses to run)."
 from __future__ import annotations
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_cli
+from conftest import cli_in_process as cli
 
 TINY = ["--model", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress"]
 
@@ -54,15 +54,6 @@ def train(tiny, workdir, *extra, timeout=120):
                    "--steps", "2", *extra, timeout=timeout)
 
 
-def cli(capsys, *args) -> subprocess.CompletedProcess:
-    """`aigc-jax ARGS…` in this process (no start-up cost), for errors raised before any model work."""
-    from aigc_jax.cli import main
-
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out, err)
-
-
 def test_config_file_that_is_not_a_mapping(tiny, tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "section.json").write_text('{"train": 5}')
@@ -101,11 +92,11 @@ def test_flag_values(capsys, tmp_path):
     assert_one_line_error(cli(capsys, "eval", "--workdir", nope, "--batch-size", "0"), "--batch-size must be >= 1")
     assert_one_line_error(cli(capsys, "eval", "--workdir", nope, "--max-batches", "-1"), "--max-batches")
     assert_one_line_error(cli(capsys, "info", "--model", "tiny", "--seq-len", "0"), "--seq-len")
-    gen = ["generate", "--model", "tiny", "--prompt", "hi", "--max-new-tokens", "2"]
+    gen = ["generate", "--model", "tiny", "--random-init", "--prompt", "hi", "--max-new-tokens", "2"]
     assert_one_line_error(cli(capsys, *gen, "--temperature", "inf"), "--temperature")
     assert_one_line_error(cli(capsys, *gen, "--num-beams", "2", "--length-penalty", "nan"), "--length-penalty")
     (tmp_path / "blank.txt").write_text("\n  \n")
-    assert_one_line_error(cli(capsys, "generate", "--model", "tiny", "--prompts-file", tmp_path / "blank.txt"),
+    assert_one_line_error(cli(capsys, "generate", "--model", "tiny", "--random-init", "--prompts-file", tmp_path / "blank.txt"),
                           "blank.txt has no prompts")
 
 
@@ -130,3 +121,40 @@ def test_corrupt_checkpoint_is_one_line_without_background_tracebacks(tiny):
     before = snapshot(tiny["workdir"])
     assert_one_line_error(run_cli("generate", "--model", tiny["workdir"], "--prompt", "hi"), "is unreadable")
     assert snapshot(tiny["workdir"]) == before
+
+
+# ------------------------------------------------------------------------------------------ presets are not weights
+
+
+def test_a_preset_where_weights_are_expected_is_an_error_unless_random_weights_are_asked_for(capsys, tmp_path):
+    """Presets share names with hub ids ("gpt2"): where trained weights are expected, running one silently would
+    hand back random weights."""
+    from aigc_jax import api
+
+    gen = ["--prompt", "hi", "--max-new-tokens", "2", "--temperature", "0"]
+    assert_one_line_error(cli(capsys, "generate", "--model", "gpt2", *gen), "'gpt2' is a preset", "--random-init")
+    assert_one_line_error(cli(capsys, "serve", "--model", "tiny", "--port", "0"), "'tiny' is a preset",
+                          "--random-init")
+    assert_one_line_error(cli(capsys, "convert", "--to-hf", "tiny", "--out", tmp_path / "hf"), "'tiny' is a preset")
+    assert_one_line_error(cli(capsys, "train", "--init-from", "tiny", "--workdir", tmp_path / "w"),
+                          "'tiny' is a preset", "--model tiny")
+    with pytest.raises(api.UserError, match="random_init=True"):
+        api.load("tiny")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "w").exists()
+
+    ok = cli(capsys, "generate", "--model", "tiny", "--random-init", *gen)
+    assert ok.returncode == 0, ok.stderr
+    assert api.load("tiny", random_init=True).config == api.configs.get_preset("tiny")
+    assert_one_line_error(cli(capsys, "generate", "--model", tmp_path, "--random-init", *gen), "takes a preset name")
+
+
+def test_every_train_flag_says_its_default():
+    from aigc_jax.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if a.dest == "command"]
+    train = sub.choices["train"]
+    flags = [a for a in train._actions if a.option_strings and a.dest not in ("help", "workdir")]
+    assert len(flags) > 20
+    for action in flags:
+        assert "default" in (action.help or ""), action.option_strings
+    assert "(default: 0.0006)" in train.format_help().replace("\n", " ").replace("  ", " ")

@@ -264,6 +264,8 @@ def test_bad_meshes_are_one_line_errors(tmp_path):
 
 
 def test_info_plans_train_and_decode_for_a_mesh():
+    from aigc_jax.sharding import human_bytes
+
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = run_cli("info", "--model", "tiny", "--mesh", "fsdp=4,tensor=2", "--batch-size", "8", "--seq-len", "32",
                    env=env)
@@ -272,12 +274,16 @@ def test_info_plans_train_and_decode_for_a_mesh():
     train, decode = out["train"], out["decode"]
     assert train["mesh"] == "data=1,fsdp=4,tensor=2" and train["devices"] == 8
     # Training splits every matrix over fsdp x tensor; decoding splits weights over tensor only.
-    whole = decode["param_bytes"]
-    assert train["params_bytes"] < whole / 4 and whole / 2 <= decode["param_bytes_per_device"] < whole
-    assert decode["prompt_len"] == 16 and decode["new_tokens"] == 16
+    whole = decode["params_bytes"]
+    assert train["params_bytes_per_device"] < whole / 4 and whole / 2 <= decode["params_bytes_per_device"] < whole
+    assert decode["prompt_len"] == 16 and decode["new_tokens"] == 16 and decode["mesh"] == train["mesh"]
     for program in ("prefill", "decode"):
-        assert decode[program]["peak_bytes"] >= decode["param_bytes_per_device"]
-    assert train["step_peak_bytes"] >= train["params_bytes"] + train["optimizer_bytes"]
+        assert decode[program]["peak_bytes"] >= decode["params_bytes_per_device"]
+    assert train["step"]["peak_bytes"] >= train["params_bytes_per_device"] + train["optimizer_bytes_per_device"]
+    # Every byte count has a readable twin, in both sections and their programs.
+    assert train["step"]["peak_bytes_human"] == human_bytes(train["step"]["peak_bytes"])
+    assert decode["prefill"]["temp_bytes_human"] == human_bytes(decode["prefill"]["temp_bytes"])
+    assert human_bytes(3 * 2**30 // 2) == "1.50 GiB"
 
 
 def _free_port() -> int:

@@ -4,8 +4,10 @@ evaluation against an independent computation, fine-tuning, and bad input that l
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
 
 TINY = ["--model", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress"]
 
@@ -222,3 +224,74 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(corpus, tmp_path
     (other / "notes.txt").write_text("mine")
     assert_one_line_error(run_cli(*train_args(corpus, other, "--steps", "2")), "not empty")
     assert snapshot(other) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+# ------------------------------------------------------------------------------------------ what a run shows
+
+
+def tensorboard_scalars(directory: Path) -> dict:
+    """{tag: [(step, value), …]} read back from the TFRecord event files (length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict = {}
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+@pytest.fixture
+def small_text(corpus, tmp_path) -> dict:
+    (tmp_path / "text.txt").write_text(open(corpus["data"]).read()[:30_000])
+    return {"data": str(tmp_path / "text.txt"), "data_dir": str(tmp_path / "data")}
+
+
+def test_outside_a_terminal_a_run_prints_plain_lines_and_feeds_tensorboard(small_text, tmp_path):
+    t0 = time.time()
+    proc = run_cli("train", "--model", "tiny", "--data", small_text["data"], "--data-dir", small_text["data_dir"],
+                   "--workdir", tmp_path / "w", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+                   "--log-every", "2", "--eval-every", "2")  # stderr is a pipe here
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    number = r"[\d,]+"
+    assert re.fullmatch(rf"step 2/4 \| loss \d\.\d{{4}} \| {number} ms/step \| {number} tok/s \| val loss \d\.\d{{4}}",
+                        lines[0]), lines
+    assert re.fullmatch(rf"step 4/4 \| loss \d\.\d{{4}} \| {number} ms/step \| {number} tok/s", lines[1]), lines
+    assert lines[2].startswith("final validation: ") and lines[-1].endswith("tokens (100%)"), lines
+    assert 3 <= len(lines) - 2 <= 5  # the start and a line per quarter, at most
+
+    records = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
+    assert all(t0 <= r["time"] <= time.time() for r in records)
+    scalars = tensorboard_scalars(tmp_path / "w" / "tb")
+    train_losses = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in train_losses] == [2, 4]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [v for _, v in train_losses], rtol=1e-6)
+    assert [s for s, _ in scalars["eval/loss"]] == [2, 4] and "train/time" not in scalars
+
+
+def test_weights_and_biases_offline(small_text, tmp_path):
+    pytest.importorskip("wandb")
+    proc = run_cli("train", "--model", "tiny", "--data", small_text["data"], "--data-dir", small_text["data_dir"],
+                   "--workdir", tmp_path / "w", "--steps", "2", "--batch-size", "4", "--seq-len", "32",
+                   "--eval-every", "0", "--set", "wandb_project=aigc-test", "--set", "wandb_mode=offline",
+                   env={"WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "w" / "wandb-id").is_file()
+    assert any(p.name.startswith("offline-run-") for p in (tmp_path / "w" / "wandb").iterdir())
+
+
+def test_weights_and_biases_asked_for_but_not_installed(tmp_path, capsys):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    proc = cli_in_process(capsys, "train", "--model", "tiny", "--workdir", tmp_path / "w", "--set",
+                          "wandb_project=mine")
+    assert_one_line_error(proc, "pip install wandb")
+    assert not (tmp_path / "w").exists()

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
-from test_train_cli import final_params, popen_cli, train_args
+from conftest import cli_in_process as cli
+from test_train_cli import final_params, popen_cli, snapshot, train_args
 
 from aigc_jax import data
 from aigc_jax.train import loop
@@ -112,6 +113,76 @@ def test_finetune_keeps_the_sources_settings_and_only_what_was_set(corpus, tmp_p
     resumed = finetune(tmp_path / "ft", steps="4")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
+
+
+# ------------------------------------------------------------------------------------------ resume by workdir
+
+
+@pytest.fixture(scope="module")
+def small_data(corpus, tmp_path_factory) -> dict:
+    """30 KB of text and 200 prompt→completion examples: each run's final validation pass is a few batches."""
+    root = tmp_path_factory.mktemp("small")
+    (root / "text.txt").write_text(open(corpus["data"]).read()[:30_000])
+    words = [w for w in open(__file__).read().split() if len(w) <= 6][:200]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps({"prompt": f"{w}:", "completion": w[::-1]}) for w in words))
+    return {"text": str(root / "text.txt"), "jsonl": str(root / "sft.jsonl"), "data_dir": str(root / "data")}
+
+
+def _train_losses(workdir) -> dict:
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+# Each family once and each kind of data once: what differs between them (model.json fields, example rows) is
+# covered without paying for the whole grid.
+@pytest.mark.parametrize("family,kind", [("tiny", "jsonl"), ("llama-tiny", "text")])
+def test_every_family_and_kind_of_data_resumes_as_if_never_stopped(small_data, tmp_path, capsys, family, kind):
+    """A run stopped at step 2, re-run by the identical command to step 4 and then by its workdir alone to step 6,
+    has the losses and parameters of a run never stopped (dropout on; decay_steps fixed, so growing --steps keeps
+    the schedule)."""
+    command = ["train", "--model", family, "--data", small_data[kind], "--data-dir", small_data["data_dir"],
+               "--batch-size", "4", "--seq-len", "16", "--eval-every", "0", "--log-every", "1", "--set", "decay_steps=6", "--set",
+               "dropout=0.1", "--no-progress"]
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    assert cli(capsys, *command, "--workdir", ref, "--steps", "6").returncode == 0
+    assert cli(capsys, *command, "--workdir", stopped, "--steps", "2").returncode == 0
+    same = cli(capsys, *command, "--workdir", stopped, "--steps", "4")
+    assert same.returncode == 0, same.stderr
+    alone = cli(capsys, "train", "--workdir", stopped, "--steps", "6")
+    assert alone.returncode == 0, alone.stderr
+    assert "resumed from" in same.stdout and "resumed from" in alone.stdout
+    assert _train_losses(stopped) == _train_losses(ref) and len(_train_losses(ref)) == 6
+    expected = final_params(ref)
+    for key, value in final_params(stopped).items():
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+
+
+def test_a_flag_that_contradicts_the_workdir_is_named(small_data, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    command = ["train", "--model", "tiny", "--data", small_data["text"], "--data-dir", small_data["data_dir"],
+               "--batch-size", "4", "--seq-len", "32", "--eval-every", "0", "--no-progress", "--workdir", workdir]
+    assert cli(capsys, *command, "--steps", "1").returncode == 0
+    before = snapshot(workdir)
+    for flags, named in [(["--model", "baby"], "--model baby"), (["--lr", "0.1"], "--lr 0.1"),
+                         (["--set", "n_layer=3"], "--set n_layer=3"), (["--seq-len", "16"], "--seq-len 16"),
+                         (["--data", "default"], "--data default"), (["--tokenizer", "char"], "--tokenizer char")]:
+        proc = cli(capsys, "train", "--workdir", workdir, "--steps", "2", *flags)
+        assert_one_line_error(proc, f"{named} contradicts --workdir", f"drop {named}")
+    assert snapshot(workdir) == before
+    # Flags that agree with the record, and the ones a resume may change, are fine.
+    again = cli(capsys, *command, "--steps", "2", "--log-every", "1", "--checkpoint-every", "1")
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_new_run_without_flags_gets_the_defaults(tmp_path):
+    from aigc_jax import configs
+    from aigc_jax.cli import build_parser
+    from aigc_jax.train.cli import build_configs
+
+    settings = build_configs(build_parser().parse_args(["train", "--workdir", str(tmp_path / "new")]))
+    assert settings.model_config == configs.get_preset("baby")
+    assert settings.train_config == TrainConfig()
+    assert (settings.data, settings.tokenizer, settings.init_from) == ("default", "byte", None)
 
 
 # ------------------------------------------------------------------------------------------ resume checks content
@@ -230,7 +301,7 @@ def test_eval_batch_size_overrides_the_micro_batch(corpus, tmp_path):
 
 def test_a_second_process_reuses_the_compiled_programs(tmp_path):
     cache = tmp_path / "jax-cache"
-    args = ["generate", "--model", "tiny", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0"]
+    args = ["generate", "--model", "tiny", "--random-init", "--prompt", "Hello", "--max-new-tokens", "8", "--temperature", "0"]
     first = run_cli(*args, env={"AIGC_COMPILE_CACHE": str(cache)})
     assert first.returncode == 0, first.stderr
     entries = set(os.listdir(cache))

@@ -27,21 +27,23 @@ from __future__ import annotations
 
 import argparse
 
-from aigc_jax.data.batches import Batches, eval_batches, num_eval_batches
+from aigc_jax.data.batches import Batches, eval_batches, num_eval_batches, num_eval_rows
 from aigc_jax.data.corpus import TokenData, load, load_text, tokenizer_hash
 from aigc_jax.data.examples import Examples
 from aigc_jax.data.sources import default_data_dir
 
 __all__ = ["Batches", "Examples", "TokenData", "add_data_args", "default_data_dir", "eval_batches", "load",
-           "load_text", "num_eval_batches", "tokenizer_hash"]
+           "load_text", "num_eval_batches", "num_eval_rows", "tokenizer_hash"]
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """--data / --data-dir, shared by the commands that read a corpus."""
+def add_data_args(parser: argparse.ArgumentParser, default: str | None = "default") -> None:
+    """--data / --data-dir, shared by the commands that read a corpus. `default=None` lets a command tell an
+    explicit --data from none (--help still shows "default")."""
     parser.add_argument(
-        "--data", default="default", metavar="SRC",
+        "--data", default=default, metavar="SRC",
         help="default (Python stdlib sources + pydoc topics, offline) | PATH (text file, directory or glob) | "
-             "PATH.jsonl (prompt/completion examples) | tfds:NAME[/CONFIG][:VERSION] (prepared in --data-dir)",
+             "PATH.jsonl (prompt/completion examples) | tfds:NAME[/CONFIG][:VERSION] (prepared in --data-dir) "
+             "(default: default)",
     )
     parser.add_argument(
         "--data-dir", default=None, metavar="DIR",

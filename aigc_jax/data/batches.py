@@ -172,4 +172,9 @@ def eval_batches(data: np.ndarray | Examples, seq_len: int, global_batch: int, p
 
 
 def num_eval_batches(data: np.ndarray | Examples, seq_len: int, global_batch: int) -> int:
-    return -(-_rows(data, seq_len, "validation").n // global_batch)
+    return -(-num_eval_rows(data, seq_len) // global_batch)
+
+
+def num_eval_rows(data: np.ndarray | Examples, seq_len: int) -> int:
+    """Rows (windows or examples) in a complete validation pass."""
+    return _rows(data, seq_len, "validation").n

@@ -18,8 +18,10 @@ def register(sub) -> None:
         "shape bucket) and matches HF transformers' generate token for token.",
     )
     p.add_argument("--model", required=True, metavar="SRC",
-                   help="aigc_jax model dir, training workdir, or HF GPT-2/Llama/Qwen2/Mistral dir; or a preset name "
-                   "for random weights")
+                   help="aigc_jax model dir, training workdir, or HF GPT-2/Llama/Qwen2/Mistral dir; a preset name "
+                   "only with --random-init")
+    p.add_argument("--random-init", action="store_true",
+                   help="--model names a preset: run it with random weights (smoke tests, timing)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F", help="a UTF-8 file with one prompt per line (blank lines skipped)")
     chat = p.add_argument_group("chat (the model's chat template, rendered as HF's apply_chat_template)")
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     from aigc_jax.decode import GenerationConfig
 
     GenerationConfig(**knobs).check(n_positions=2**31 - 1, vocab_size=2**31 - 1)
-    lm = api.load(args.model, parallel=args.parallel, overrides=configs.parse_assignments(args.set), mesh=args.mesh)
+    lm = api.load(args.model, parallel=args.parallel, overrides=configs.parse_assignments(args.set), mesh=args.mesh,
+                  random_init=args.random_init)
     if lm.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt) to encode text")
     if args.no_eos:

@@ -25,7 +25,10 @@ def register(sub) -> None:
         "default loopback --host, or put the server behind one that authenticates.",
     )
     p.add_argument("--model", required=True, metavar="SRC",
-                   help="aigc_jax model dir, training workdir, or HF GPT-2 dir (needs a tokenizer)")
+                   help="aigc_jax model dir, training workdir, or HF GPT-2/Llama/Qwen2/Mistral dir (needs a "
+                   "tokenizer); a preset name only with --random-init")
+    p.add_argument("--random-init", action="store_true",
+                   help="--model names a preset: serve it with random weights (smoke tests, timing)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: sequences generated at once")
@@ -123,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     from aigc_jax import api, chat, configs
 
+    api.check_source(args.model, args.random_init)
     overrides = configs.parse_assignments(args.set)
     if "scan_layers" in overrides:
         raise UserError("--set scan_layers does not apply to serving (decoding always runs unrolled layers)")
@@ -146,7 +150,7 @@ def _serve(args, sock, api, chat, overrides, template, api_key) -> int:
     from aigc_jax.serve.app import Server, create_app
     from aigc_jax.serve.engine import Engine
 
-    lm = api.load(args.model, overrides=overrides)
+    lm = api.load(args.model, overrides=overrides, random_init=args.random_init)
     if lm.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt) to serve text")
     if template is None and os.path.isdir(args.model):

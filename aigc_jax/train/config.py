@@ -12,11 +12,12 @@ from aigc_jax.parallel import LAYOUTS
 # the numbers a finished run produces up to the step it reached (steps lets you extend a run).
 RESUMABLE_CHANGES = frozenset(
     {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "sample_every",
-     "mfu_peak_tflops", "progress", "halt_after_nonfinite", "parallel", "mesh"}
+     "mfu_peak_tflops", "progress", "halt_after_nonfinite", "parallel", "mesh", "wandb_project", "wandb_mode"}
 )
 
 
 SCHEDULES = ("cosine", "wsd", "constant")
+WANDB_MODES = ("", "online", "offline", "disabled")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,9 @@ class TrainConfig:
     sample_every: int = 0  # generate a few samples every N steps (and at the end when > 0)
     halt_after_nonfinite: int = 5  # a non-finite loss/grad skips the update; this many in a row halts the run
     mfu_peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look up the device in the built-in table
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a tqdm bar when stderr is a terminal (plain lines otherwise); False: plain lines always
+    wandb_project: str = ""  # log to this Weights & Biases project (needs `pip install wandb`); "" = no W&B
+    wandb_mode: str = ""  # online | offline (no network; `wandb sync` later) | disabled; "" = $WANDB_MODE or online
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "grad_accum", "log_every", "halt_after_nonfinite", "keep_checkpoints")
@@ -74,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.parallel not in ("auto", *LAYOUTS):
             raise ConfigError(f"train.parallel must be one of auto, {', '.join(LAYOUTS)}, got {self.parallel!r}")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"train.wandb_mode must be one of online, offline, disabled, got {self.wandb_mode!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
 

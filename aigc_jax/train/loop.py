@@ -10,14 +10,17 @@ of non-finite steps halts without touching the last good checkpoint.
 
 Resume is checked, not trusted: run.json records the model config, the data source *and a hash of its token
 stream*, the tokenizer spec *and its hash*, and the fine-tuning source; a re-run that differs in any of them
-(other than the keys in RESUMABLE_CHANGES) is a one-line error naming both values. A resumed run reads its
-tokenizer and model config from the workdir, never from the corpus or the `--init-from` source again.
+(other than the keys in RESUMABLE_CHANGES) is a one-line error naming both values, and the flag that set it when
+the caller says (`explicit`: the CLI fills what was not given from run.json, so only a given flag can differ).
+A resumed run reads its tokenizer and model config from the workdir, never from the corpus or the `--init-from`
+source again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -35,8 +38,9 @@ from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.errors import UserError
 from aigc_jax.model import flops_per_token, init_params
 from aigc_jax.train import optimizer as optim
+from aigc_jax.train import progress
 from aigc_jax.train.config import RESUMABLE_CHANGES, TrainConfig
-from aigc_jax.train.metrics import MetricsWriter, eval_summary, peak_flops_per_device
+from aigc_jax.train.metrics import MetricsWriter, check_tracking, eval_summary, peak_flops_per_device
 from aigc_jax.train.layout import Layout, memory_plan
 
 # What a fresh start writes before run.json: a workdir holding only these (and temporary files) was killed
@@ -74,6 +78,7 @@ def prepare(
     init_from: str | None = None,
     dataset: data.TokenData | None = None,
     model_overrides: dict | None = None,
+    explicit: dict | None = None,
 ) -> Run:
     """Validates the run against data, devices and an existing workdir. Writes nothing.
 
@@ -81,15 +86,16 @@ def prepare(
     the tokenizer). A fine-tune (`init_from`: model dir, workdir or HF dir) takes the source's whole config,
     runtime settings included (e.g. its dropout), and changes only the RUNTIME_KEYS in `model_overrides`; pass no
     `model_config` then. `dataset`: tokens already loaded (e.g. on a machine without tensorflow-datasets); it is
-    used instead of loading `data_source`, which then only names the data in run.json."""
+    used instead of loading `data_source`, which then only names the data in run.json. `explicit`: which flag set
+    each recorded key ("train.lr" -> "--lr 0.1"), so that a resume contradicting the workdir names the flag."""
     overrides = dict(model_overrides or {})
     if init_from and model_config is not None:
         raise UserError("--init-from takes the architecture from its source: drop --model/--config model keys "
                         "(runtime settings such as dropout go in --set)")
     _check_workdir(workdir)
-    if not init_from:
-        _check_tokenizer_spec(tokenizer_spec)
     previous = ckpt.read_run_file(workdir)
+    if not init_from and previous is None:  # a resume reads its tokenizer from the workdir, wherever it came from
+        _check_tokenizer_spec(tokenizer_spec)
     if previous is None and not _is_unfinished_start(workdir):
         raise UserError(f"--workdir {workdir} is not empty and holds no aigc_jax run; choose a new or empty directory")
     resume_step = ckpt.latest_step(workdir) if previous is not None else None
@@ -112,7 +118,7 @@ def prepare(
         tokenizer = _make_tokenizer(tokenizer_spec, data_source, data_dir)
     if init_from:
         model_config = _finetune_config(model_config, overrides)
-        tokenizer_spec = f"from:{init_from}"
+        tokenizer_spec = previous["tokenizer"] if previous is not None else f"from:{init_from}"
     elif model_config is None:
         model_config = configs.get_preset("baby")
     if not init_from:
@@ -122,6 +128,7 @@ def prepare(
     if tokenizer.vocab_size > model_config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} ids but the model only {model_config.vocab_size}")
 
+    check_tracking(train_config.wandb_project)
     seq_len = train_config.seq_len or model_config.n_positions
     if seq_len > model_config.n_positions:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context n_positions={model_config.n_positions}")
@@ -129,17 +136,12 @@ def prepare(
     n_dev = jax.device_count()
     layout = Layout.resolve(train_config, model_config)
 
-    if dataset is None:
-        dataset = data.load(data_source, tokenizer, data_dir=data_dir)
-    # Too little text for one window (train or validation) must fail here, not in train() after the run files exist.
-    data.Batches(dataset.train, seq_len, train_config.batch_size, train_config.seed,
-                 shift_windows=train_config.shift_windows)
-    data.num_eval_batches(dataset.validation, seq_len, train_config.batch_size // train_config.grad_accum)
     record = {
         "model": model_config.to_dict(),
         "train": train_config.to_dict(),
         "data": data_source,
-        "data_hash": dataset.content_hash,
+        "data_hash": None,  # below, once the data is loaded
+        "data_dir": os.path.abspath(data_dir) if data_dir else None,  # where its token cache is: not compared
         "tokenizer": tokenizer_spec,
         "tokenizer_hash": data.tokenizer_hash(tokenizer),
         "init_from": os.path.abspath(init_from) if init_from else None,
@@ -147,9 +149,18 @@ def prepare(
         "runtime": {"dtype": configs.compute_dtype(model_config).name, "backend": jax.default_backend(),
                     "devices": n_dev},
     }
+    if previous is not None:  # before the data load, which may take minutes
+        _check_same_settings(workdir, previous, record, explicit or {})
+    if dataset is None:
+        dataset = data.load(data_source, tokenizer, data_dir=data_dir)
+    # Too little text for one window (train or validation) must fail here, not in train() after the run files exist.
+    data.Batches(dataset.train, seq_len, train_config.batch_size, train_config.seed,
+                 shift_windows=train_config.shift_windows)
+    data.num_eval_batches(dataset.validation, seq_len, train_config.batch_size // train_config.grad_accum)
+    record["data_hash"] = dataset.content_hash
     notes = [_settings_line(model_config, train_config, init_from, overrides)]
     if previous is not None:
-        _check_same_run(workdir, previous, record)
+        _check_same_data(workdir, previous, record)
         notes += _resume_notes(previous, record, resume_step)
     return Run(workdir, model_config, train_config, tokenizer, dataset, record, init, resume_step, tuple(notes),
                layout)
@@ -252,30 +263,55 @@ def _make_tokenizer(spec: str, data_source: str, data_dir: str | None) -> tok.To
     return tok.load(spec)
 
 
-def _check_same_run(workdir: str, previous: dict, record: dict) -> None:
-    hint = "re-run with the original settings or use a new --workdir"
-    for section in ("model", "data", "tokenizer", "init_from"):
-        old, new = previous.get(section), record[section]
-        if section == "model" and isinstance(old, dict):
-            old = {"family": "gpt2", **old}  # run.json from before families recorded none
-        if old != new:
-            if isinstance(old, dict) and isinstance(new, dict):
-                key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-                section, old, new = f"{section}.{key}", old.get(key), new.get(key)
-            raise UserError(f"--workdir {workdir} holds a run with {section}={old!r}, this command has {new!r}; {hint}")
-    # Content, not names: the same --data path with other text.
+def _check_same_settings(workdir: str, previous: dict, record: dict, explicit: dict) -> None:
+    for key, old, new in _setting_differences(previous, record):
+        flag = explicit.get(key) or explicit.get(key.partition(".")[0])
+        if flag:  # the workdir alone resumes a run: a flag given that disagrees with it is the thing to drop
+            raise UserError(f"{flag} contradicts --workdir {workdir}, whose run has {key}={old!r} (this command: "
+                            f"{new!r}); drop {flag} to resume it, or use a new --workdir")
+        raise UserError(f"--workdir {workdir} holds a run with {key}={old!r}, this command has {new!r}; re-run with "
+                        "the original settings or use a new --workdir")
+
+
+def _check_same_data(workdir: str, previous: dict, record: dict) -> None:
+    """Content, not names: the same --data path with other text."""
     if previous.get("data_hash") is not None and previous["data_hash"] != record["data_hash"]:
         raise UserError(f"--workdir {workdir}: --data {record['data']} now holds different tokens (data_hash "
                         f"{record['data_hash']}, the run has {previous['data_hash']}); restore the original data or "
                         "use a new --workdir")
+
+
+def _setting_differences(previous: dict, record: dict):
+    """(key, recorded value, this command's value) for each setting a resume may not change, compared as JSON
+    (run.json has lists where configs have tuples)."""
+    for section in ("model", "data", "tokenizer", "init_from"):
+        old, new = _as_json(previous.get(section)), _as_json(record[section])
+        if section == "model" and isinstance(old, dict):
+            old = _as_json(_model_dict(old))
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys = sorted(set(old) | set(new), key=lambda k: (k != "family", k))  # another family differs everywhere
+            yield from ((f"{section}.{k}", old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k))
+        elif old != new:
+            yield section, old, new
     old_train, new_train = previous.get("train", {}), record["train"]
     for key in sorted(set(old_train) | set(new_train)):
         if key not in RESUMABLE_CHANGES and old_train.get(key) != new_train.get(key):
             default = getattr(TrainConfig(), key, None)  # a key added since the run started: its default is what ran
             if key not in old_train and new_train.get(key) == default:
                 continue
-            raise UserError(f"--workdir {workdir} holds a run with train.{key}={old_train.get(key)!r}, this command "
-                            f"has {new_train.get(key)!r}; {hint}")
+            yield f"train.{key}", old_train.get(key), new_train.get(key)
+
+
+def _model_dict(recorded: dict) -> dict:
+    """A recorded model config as this version writes it: keys added since then take the defaults that ran."""
+    try:
+        return configs.config_from_dict(recorded).to_dict()
+    except UserError:  # not a config this version can build: compare it as written
+        return {"family": "gpt2", **recorded}
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,15 +358,14 @@ def train(run: Run, log=print) -> dict:
         return layout.place(rows)
 
     evaluate = functools.partial(_evaluate, run=run, max_batches=cfg.eval_batches)
-    evaluate_all = functools.partial(_evaluate, run=run, max_batches=0)
     batch = place(start) if start < cfg.steps else None
     if batch is not None:
         _log_memory_plan(step_fn, state, batch, abstract, layout, log)
-    writer = MetricsWriter(run.workdir, enabled=primary)
+    writer = MetricsWriter(run.workdir, primary, cfg.wandb_project, cfg.wandb_mode, run.record)
     flops = flops_per_token(mcfg, cfg.seq_len)
     peak = peak_flops_per_device(cfg.mfu_peak_tflops)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    bar = _progress(cfg, start, primary)
+    bar = progress.Steps(cfg.steps, start, cfg.log_every, progress.wants_bar(cfg.progress)) if primary else None
 
     last: dict = {}
     saved = run.resume_step  # the step of the newest checkpoint on disk (or being written)
@@ -351,7 +386,10 @@ def train(run: Run, log=print) -> dict:
                 checkpoints.save(done, state, _meta(done, run))
                 saved = done
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                writer.write(done, "eval", evaluate(state.params))
+                estimate = evaluate(state.params)
+                writer.write(done, "eval", estimate)
+                if bar is not None:
+                    bar.validation(estimate["loss"])
             if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.steps:
                 _log_samples(run, state.params, done, writer, log)
             if last.get("stop"):  # some host was signalled: every host sees it at this same step and stops here
@@ -369,7 +407,9 @@ def train(run: Run, log=print) -> dict:
         result = {"step": final_step, **{k: last[k] for k in ("loss",) if k in last}}
         if final_step > start or cfg.eval_every:
             # The final figure is a complete pass over the validation split, never an estimate.
-            result.update({f"val_{k}": v for k, v in evaluate_all(state.params).items()})
+            shown = primary and progress.wants_bar(cfg.progress)  # else plain lines (on the primary host only)
+            final = _evaluate(state.params, run, 0, "final validation" if primary else None, shown)
+            result.update({f"val_{k}": v for k, v in final.items()})
             writer.write(final_step, "eval", {k[4:]: v for k, v in result.items() if k.startswith("val_")})
         if cfg.sample_every:
             _log_samples(run, state.params, final_step, writer, log)
@@ -437,26 +477,33 @@ def _record(pending, t_prev, tokens_per_step, flops, peak, cfg, writer, bar) -> 
     if step % cfg.log_every == 0 or step == cfg.steps:
         writer.write(step, "train", values)
     if bar is not None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        bar.step(step, values)
     return values
 
 
-def _evaluate(params, run: Run, max_batches: int = 0) -> dict:
+def _evaluate(params, run: Run, max_batches: int = 0, shown_as: str | None = None, bar: bool = False) -> dict:
     """Validation loss, perplexity and bits per byte: a complete pass (max_batches=0), or an estimate of the
     whole split from `max_batches` batches of windows drawn across it with a fixed seed (the same at every eval).
-    `tokens` says how many tokens the figure is over.
+    `tokens` says how many tokens the figure is over. `shown_as`: the name under which a complete pass (which can
+    take minutes) shows its progress, as a bar or as plain lines.
 
     Batches are training micro-batches (batch_size / grad_accum rows): a recipe that accumulates gradients to fit
     in memory would not fit a whole batch's logits at once."""
     cfg, layout = run.train_config, run.layout
     fn = _eval_fn(run.model_config, layout, jax.tree.map(lambda x: x.sharding, params))
     nll, count = 0.0, 0.0
-    batches = data.eval_batches(run.data.validation, cfg.seq_len, cfg.batch_size // cfg.grad_accum,
-                                jax.process_index(), jax.process_count(), max_batches=max_batches, seed=cfg.seed)
-    for rows in batches:
+    rows_per_batch = cfg.batch_size // cfg.grad_accum
+    batches = data.eval_batches(run.data.validation, cfg.seq_len, rows_per_batch, jax.process_index(),
+                                jax.process_count(), max_batches=max_batches, seed=cfg.seed)
+    total_rows = data.num_eval_rows(run.data.validation, cfg.seq_len)
+    shown = progress.Tokens(shown_as, total_rows * cfg.seq_len, bar) if shown_as and not max_batches else None
+    for i, rows in enumerate(batches):
         out = jax.device_get(fn(params, layout.place(rows)))
         nll, count = nll + float(out["nll"]), count + float(out["tokens"])
+        if shown is not None:
+            shown.update(min(rows_per_batch, total_rows - i * rows_per_batch) * cfg.seq_len)
+    if shown is not None:
+        shown.close()
     return eval_summary(nll, count, run.data.bytes_per_token)
 
 
@@ -483,14 +530,6 @@ def _log_samples(run: Run, params, step: int, writer, log) -> None:
         text = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eot_id else ids)
         writer.write(step, "sample", {"index": i, "text": text})
         log(f"--- sample {i} at step {step} ---\n{text}")
-
-
-def _progress(cfg: TrainConfig, start: int, primary: bool):
-    if not (cfg.progress and primary):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 class _StopFlag:
@@ -546,4 +585,5 @@ def evaluate_workdir(workdir: str, split: str = "validation", data_source: str |
     if split == "train":
         dataset = dataclasses.replace(dataset, validation=dataset.train)
     run = Run(workdir, config, train_cfg, tokenizer, dataset, record, layout=layout)
-    return _evaluate(params, run, max_batches)
+    shown_as = f"{split} pass" if jax.process_index() == 0 else None
+    return _evaluate(params, run, max_batches, shown_as, progress.wants_bar(True))
