@@ -8,7 +8,7 @@
     bench.py         worker: runs a list of cases in one process, one JSON line each
     suite.py         driver: runs groups of cases in worker processes under time budgets, writes raw JSON lines
     run_cpu.py       `make bench-cpu`: the CPU set
-    run_gpu.py       the GPU set (one device-tool call)
+    run_gpu.py       the GPU set (one command, < 8 minutes on an H200)
     report.py        JSON lines -> markdown table with our/peer ratios + PNG plots
     profile_ops.py   one of our cases under jax.profiler: time per XLA op / GPU kernel
 """

@@ -129,22 +129,25 @@ def assignments(items: list[str]) -> dict:
 
 def add_shape_args(p: argparse.ArgumentParser, preset: str = "gpt2") -> None:
     """--preset --dtype --batch --seq-len --prompt-len --new-tokens --set: one case's model and shape."""
-    p.add_argument("--preset", default=preset)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig override")
+    p.add_argument("--preset", default=preset, help="model preset (aigc_jax/configs.py)")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    p.add_argument("--batch", type=int, default=8, help="rows per step (train) or per decode call")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
+    p.add_argument("--prompt-len", type=int, default=16, help="decode: prompt tokens per row")
+    p.add_argument("--new-tokens", type=int, default=256, help="decode: tokens generated per row")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ModelConfig override, repeatable")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", nargs="?", choices=sorted(IMPLS))
-    p.add_argument("impl", nargs="?")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("bench", nargs="?", choices=sorted(IMPLS), help="what to measure")
+    p.add_argument("impl", nargs="?",
+                   help="whose code: " + "; ".join(f"{b}: {', '.join(i)}" for b, i in IMPLS.items()))
     add_shape_args(p)
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="harness keyword argument")
-    p.add_argument("--label", default="baseline")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="harness keyword argument (e.g. repeats=3, windows=5), repeatable")
+    p.add_argument("--label", default="baseline", help="name recorded with the case (the report's lever name)")
     p.add_argument("--cases", metavar="FILE", help="a JSON list of cases ('-' = stdin) instead of one case")
     p.add_argument("--deadline", type=float, help="unix time after which remaining cases are skipped")
     p.add_argument("--group", help="name recorded with every line")

@@ -9,6 +9,7 @@ a device sync, report the median (and min/max as the spread); compile time is re
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.metadata
 import json
@@ -21,6 +22,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help for every harness: the module docstring as written, and each option's default after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if ("default" not in help_text and action.option_strings and default is not argparse.SUPPRESS
+                and default not in (None, False, [], "")):
+            help_text += " (default: %(default)s)"
+        return help_text
 
 # Versions recorded with every run.
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "numpy", "torch",

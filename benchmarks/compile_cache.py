@@ -59,9 +59,9 @@ def _child(model_dir: str, cache: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="baby")
-    p.add_argument("--repeats", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("--preset", default="baby", help="model preset (random weights)")
+    p.add_argument("--repeats", type=int, default=2, help="processes per setting (off, cold, warm)")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args()
     records = [{"bench": "env", **common.environment()}]

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from aigc_jax import data, tokenizers
+from benchmarks import common
 
 
 def stream(args) -> tuple[str, np.ndarray]:
@@ -41,12 +47,13 @@ def measure(tokens: np.ndarray, batch: int, seq_len: int, seconds: float) -> dic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     data.add_data_args(p)
     p.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer directory")
     p.add_argument("--synthetic", type=int, default=0, metavar="N", help="benchmark N random tokens instead")
-    p.add_argument("--shapes", default="8x1024,32x1024,64x1024,16x2048,64x256", help="BxT,BxT,…")
-    p.add_argument("--seconds", type=float, default=2.0, help="per setting")
+    p.add_argument("--shapes", default="8x1024,32x1024,64x1024,16x2048,64x256",
+                   help="batch×length shapes, BxT,BxT,…")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per setting")
     args = p.parse_args()
     name, tokens = stream(args)
     for shape in args.shapes.split(","):

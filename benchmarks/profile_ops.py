@@ -43,10 +43,10 @@ def op_times(xplane_path: str) -> collections.Counter:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bench", choices=("train", "decode"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("bench", choices=("train", "decode"), help="which of our cases to profile")
     bench.add_shape_args(p, preset="baby")
-    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--top", type=int, default=30, help="ops to list")
     args = p.parse_args()
     import jax
 

@@ -17,7 +17,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common
 
-# The issue's targets (issues show 7). ratio_to: ours ÷ that impl's metric (tokens/s) or that impl's ÷ ours (ms/token).
+# The project's speed targets. ratio_to: ours ÷ that impl's metric (tokens/s) or that impl's ÷ ours (ms/token).
 TARGETS = {
     "gpu": [
         {"name": "train GPT-2 124M B16×T1024 tokens/s ≥ 520K", "bench": "train", "preset": "gpt2", "batch": 16,
@@ -253,7 +253,7 @@ def _target_row(records, t: dict) -> list:
 
 def targets_table(records, kind: str | None) -> list[str]:
     rows = [_target_row(records, t) for t in TARGETS[kind]] if kind else []
-    return _table("Targets (issue 7)", ["target", "measured", "status"], rows)
+    return _table("Targets", ["target", "measured", "status"], rows)
 
 
 def problems(records) -> list[str]:
@@ -370,11 +370,11 @@ def write(records, out_dir: Path, title: str = "Benchmark report", targets: str 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("files", nargs="+", help="results.jsonl files (JSON lines written by the harnesses)")
     p.add_argument("--out", help="directory for report.md and the PNGs (default: beside the first file)")
-    p.add_argument("--targets", choices=sorted(TARGETS))
-    p.add_argument("--title", default="Benchmark report")
+    p.add_argument("--targets", choices=sorted(TARGETS), help="which set's targets table to add (default: none)")
+    p.add_argument("--title", default="Benchmark report", help="the report's heading")
     args = p.parse_args()
     records = common.read_records(args.files)
     print(write(records, Path(args.out or Path(args.files[0]).parent), args.title, args.targets))

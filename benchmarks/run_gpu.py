@@ -1,8 +1,10 @@
-"""The GPU set: one call of the device tool, < 8 minutes, ours vs HF transformers in PyTorch on the same H200.
+"""The GPU set: one command, < 8 minutes, ours vs HF transformers in PyTorch on the same GPU (sized for an H200).
 
-    PYTHONPATH=. python3 benchmarks/run_gpu.py --out $OUT            # everything, main table first
-    PYTHONPATH=. python3 benchmarks/run_gpu.py --sections levers,flags --budget 240 --out $OUT
-    PYTHONPATH=. python3 benchmarks/run_gpu.py --sections llama --budget 360 --out $OUT   # Llama-3.2-1B shape
+Needs a machine with an NVIDIA GPU, JAX with CUDA, and torch + transformers (the test extras) in the same Python:
+
+    PYTHONPATH=. python3 benchmarks/run_gpu.py --out DIR              # everything, main table first
+    PYTHONPATH=. python3 benchmarks/run_gpu.py --sections levers,flags --budget 240 --out DIR
+    PYTHONPATH=. python3 benchmarks/run_gpu.py --sections llama --budget 360 --out DIR    # Llama-3.2-1B shape
     python3 benchmarks/run_gpu.py --list                               # what would run
 
 Sections, in order (each group has its own time budget; a group that cannot start in the total budget, or cases
@@ -25,8 +27,9 @@ its worker did not reach, are recorded as skipped, saying so):
   serve    (optional, `--sections serve`) GPT-2 124M behind `aigc-jax serve` vs `transformers serve
            --continuous-batching`: output tokens/s, TTFT and inter-token latency at concurrency 1, 8, 32.
 
-Output under --out (default $OUT): results.jsonl (raw), log.txt (worker stderr), report.md, train.png,
-decode.png, levers.png. The last thing printed is the short table (targets, training, decoding).
+Output under --out (default: $OUT if that environment variable is set, else benchmarks/results/gpu-<time>):
+results.jsonl (raw), log.txt (worker stderr), report.md, train.png, decode.png, levers.png. The last thing printed
+is the short table (targets, training, decoding).
 """
 
 from __future__ import annotations

@@ -81,11 +81,11 @@ def start_once(checkout: str, model_dir: str, cache: str, max_batch: int, timeou
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="llama-tiny")
-    p.add_argument("--n-positions", type=int, default=256)
-    p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("--preset", default="llama-tiny", help="model preset (random weights)")
+    p.add_argument("--n-positions", type=int, default=256, help="the model's context length")
+    p.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch (decode slots)")
+    p.add_argument("--repeats", type=int, default=3, help="server starts per setting and checkout")
     p.add_argument("--checkout", action="append", default=[],
                    help="another source tree of this project to time as well (default: this one only)")
     p.add_argument("--out", help="also append the JSON lines to this file")

@@ -232,9 +232,10 @@ def main(name: str, build, *, title: str, targets: str, total_budget_s: float, g
     """The command line shared by run_cpu.py and run_gpu.py. `build(quick)` returns the list of groups."""
     import argparse
 
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, help="directory for results.jsonl, log.txt, report.md and the plots")
-    p.add_argument("--budget", type=float, default=total_budget_s, help="total seconds (default %(default)s)")
+    p = argparse.ArgumentParser(description=doc, formatter_class=common.HelpFormatter)
+    p.add_argument("--out", type=Path, help="directory for results.jsonl, log.txt, report.md and the plots (default: "
+                   f"{default_out or f'benchmarks/results/{name}-<time>'})")
+    p.add_argument("--budget", type=float, default=total_budget_s, help="total seconds (default: %(default)s)")
     p.add_argument("--sections", help="comma-separated sections to run (default: all but the optional ones)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few repeats: checks the harness, not speed")
     p.add_argument("--list", action="store_true", help="print the groups and cases, run nothing")
