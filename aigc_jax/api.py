@@ -93,7 +93,7 @@ class LM:
         defaults = self.generation_defaults
         sampling = ("temperature", "top_k", "top_p", "min_p")
         beams = as_int(kwargs.get("num_beams", 1))
-        if isinstance(beams, int) and beams > 1:  # beam sampling is not supported: beams search deterministically
+        if isinstance(beams, int) and beams > 1:  # beam search here does not sample
             return {k: v for k, v in defaults.items() if k not in sampling}
         if "temperature" not in kwargs and "temperature" not in defaults and set(sampling) & set(kwargs):
             return {**defaults, "temperature": 1.0}  # asking for top_k/top_p/min_p is asking to sample
@@ -104,7 +104,7 @@ class LM:
         cut at gen's stop strings (num_return_sequences consecutive sequences per prompt)."""
         if gen.stop_strings:
             self._tok()  # stop strings are text: they need the tokenizer
-        text_stream = (lambda: TextStream(self.decode, gen.stop_strings)) if self.tokenizer is not None else None
+        text_stream = (lambda prompt: TextStream(self.decode, gen.stop_strings)) if self.tokenizer is not None else None
         return completions.complete(self.generator, prompts, gen, text_stream)
 
     def _results(self, prompts, kwargs: dict, field: str):

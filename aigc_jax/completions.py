@@ -28,13 +28,14 @@ class Completion:
 
 
 def complete(generator: Generator, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
-             text_stream: Callable[[], TextStream] | None) -> list[Completion]:
+             text_stream: Callable[[Sequence[int]], TextStream] | None) -> list[Completion]:
     """Every sequence `gen` asks for (prompt p's n = num_return_sequences sequences at rows p*n .. p*n+n-1).
-    `text_stream` makes a row's TextStream (given gen's stop strings); None: no text (and no stop strings)."""
-    rows = _Rows(text_stream, gen.eos_ids) if text_stream is not None else None
+    `text_stream(prompt ids)` makes the TextStream of a sequence continuing that prompt (holding gen's stop
+    strings); None: no text (and no stop strings)."""
+    n = gen.num_return_sequences
+    rows = _Rows(lambda i: text_stream(prompts[i // n]), gen.eos_ids) if text_stream is not None else None
     until = rows.feed if rows is not None and gen.stop_strings else None
     out = generator.decode_padded(prompts, gen, until=until, chunk=STOP_CHECK_EVERY)
-    n = len(out.tokens) // len(prompts)
     results = []
     for i, padded in enumerate(out.tokens):
         ids, text = trim(padded, gen.eos_ids), None
@@ -48,7 +49,7 @@ def complete(generator: Generator, prompts: Sequence[Sequence[int]], gen: Genera
 class _Rows:
     """One TextStream per output row, fed the ids generated so far."""
 
-    def __init__(self, text_stream: Callable[[], TextStream], eos_ids: Sequence[int]):
+    def __init__(self, text_stream: Callable[[int], TextStream], eos_ids: Sequence[int]):
         self.make, self.eos_ids = text_stream, eos_ids
         self.streams: dict[int, TextStream] = {}
         self.fed: dict[int, int] = {}
@@ -63,7 +64,9 @@ class _Rows:
     def _feed(self, i: int, padded) -> None:
         if self.ended.get(i):
             return
-        stream = self.streams.setdefault(i, self.make())
+        if i not in self.streams:
+            self.streams[i] = self.make(i)
+        stream = self.streams[i]
         ids = trim(padded, self.eos_ids)
         eos = bool(ids) and ids[-1] in self.eos_ids
         stream.add(ids[self.fed.get(i, 0): len(ids) - eos])
