@@ -8,7 +8,15 @@
 
 `generate`/`generate_ids` take one prompt or a list (batched; left-padded on device) and the keyword arguments of
 `aigc_jax.decode.GenerationConfig` (HF `generate`'s names). EOS defaults to the tokenizer's EOS ids
-(`<|endoftext|>` for GPT-2; a Llama-family model's eos token and generation_config.json's list).
+(`<|endoftext|>` for GPT-2; a Llama-family model's eos token and generation_config.json's list). The other
+defaults come from the model's generation_config.json as HF reads it (`lm.generation_defaults`: e.g. Llama 3
+Instruct samples at temperature 0.6, top_p 0.9, top_k 50); without one, decoding is greedy, as HF's default.
+Explicit arguments override them; beam search (num_beams > 1) drops the model's sampling settings, and top_k/top_p/
+min_p given without any temperature sample at temperature 1.
+`stop_strings=["\n\n"]` ends each text before the first stop string (decoding stops there); with
+`num_return_sequences=n` a prompt gets n consecutive results; `logprobs=True` returns (result, log-probabilities)
+pairs: each generated token's log-probability under the model (its raw log-softmax, before temperature, penalty or
+filtering, as the server's `logprobs`). `lm.complete(ids, gen)` returns `completions.Completion`s with all of it.
 Sampling draws a fresh seed per call unless `seed=` is given; `lm.last_seed` is the seed the last call used, so
 `lm.generate(prompt, temperature=0.8, seed=lm.last_seed)` reproduces a sample.
 `lm.chat([{"role": "user", "content": "Hi"}], max_new_tokens=64)` renders the model's chat template as HF's
@@ -23,12 +31,12 @@ import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
-from aigc_jax import compile_cache, configs, model, modeldir
+from aigc_jax import compile_cache, completions, configs, model, modeldir
 from aigc_jax import tokenizers as tok
 from aigc_jax.prompts import Prompter
 from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.decode import mesh as decode_mesh
-from aigc_jax.decode.config import as_int
+from aigc_jax.decode.config import as_int, from_hf
 from aigc_jax.errors import UserError
 
 RUNTIME_KEYS = configs.RUNTIME_KEYS  # how the weights run, not what they are: what `load(overrides=)` may change
@@ -65,9 +73,15 @@ class LM:
         leading space, as the server returns it."""
         return self._prompts().continuation(prompt, self.strip_eos(ids, eos_ids))
 
+    @property
+    def generation_defaults(self) -> dict:
+        """The GenerationConfig fields the model's generation_config.json sets, read as HF reads it (see
+        `decode.config.from_hf`); {} without one (greedy)."""
+        return from_hf(self.tokenizer.generation) if self.tokenizer is not None else {}
+
     def config_for(self, **kwargs) -> GenerationConfig:
-        """A GenerationConfig from HF-style keyword arguments, EOS defaulting to the tokenizer's EOS ids (its
-        end-of-text and generation_config.json's list)."""
+        """A GenerationConfig from HF-style keyword arguments over the model's defaults (`generation_defaults`),
+        EOS defaulting to the tokenizer's EOS ids (its end-of-text and generation_config.json's list)."""
         if "eos_ids" not in kwargs and self.tokenizer is not None:
             kwargs["eos_ids"] = self.tokenizer.eos_ids
         known = [f.name for f in dataclasses.fields(GenerationConfig)]
@@ -75,9 +89,38 @@ class LM:
         if unknown:
             hint = "greedy is temperature=0"
             raise UserError(f"generate: unknown argument {unknown[0]!r} ({hint}); known: {', '.join(known)}")
-        gen = GenerationConfig(**kwargs).with_seed()
-        self.last_seed = gen.seed
+        gen = GenerationConfig(**{**self._defaults_under(kwargs), **kwargs})
+        gen = gen.with_seed() if gen.is_sampling else gen
+        self.last_seed = gen.seed if gen.is_sampling else None
         return gen
+
+    def _defaults_under(self, kwargs: dict) -> dict:
+        """The model's defaults as they combine with explicit `kwargs`."""
+        defaults = self.generation_defaults
+        sampling = ("temperature", "top_k", "top_p", "min_p")
+        beams = as_int(kwargs.get("num_beams", 1))
+        if isinstance(beams, int) and beams > 1:  # beam search here does not sample
+            return {k: v for k, v in defaults.items() if k not in sampling}
+        if "temperature" not in kwargs and "temperature" not in defaults and set(sampling) & set(kwargs):
+            return {**defaults, "temperature": 1.0}  # asking for top_k/top_p/min_p is asking to sample
+        return defaults
+
+    def complete(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[completions.Completion]:
+        """Every sequence `gen` asks for of token-id `prompts`: ids, text (with a tokenizer) and log-probabilities,
+        cut at gen's stop strings (num_return_sequences consecutive sequences per prompt)."""
+        if gen.stop_strings:
+            self._prompts()  # stop strings are text: they need the tokenizer
+        text_stream = (lambda prompt: self.prompts.text_stream(prompt, gen.stop_strings)) if self.prompts else None
+        return completions.complete(self.generator, prompts, gen, text_stream)
+
+    def _results(self, prompts, kwargs: dict, field: str):
+        """`field` of each completion (with logprobs=True: (field, logprobs) pairs); one prompt and one sequence:
+        that result alone."""
+        gen = self.config_for(**kwargs)
+        ids, single = self._batch(prompts)
+        out = [getattr(c, field) if not gen.logprobs else (getattr(c, field), c.logprobs)
+               for c in self.complete(ids, gen)]
+        return out[0] if single and len(out) == 1 else out
 
     def _batch(self, prompts) -> tuple[list[list[int]], bool]:
         """(token-id prompts, whether one prompt was given) for a str, a list of ids, or a list of either."""
@@ -88,18 +131,15 @@ class LM:
         return [self.encode(p) if isinstance(p, str) else [as_int(t) for t in p] for p in items], single
 
     def generate_ids(self, prompts, **kwargs):
-        """Generated ids (up to and including EOS) for one prompt, or a list for a list of prompts."""
-        ids, single = self._batch(prompts)
-        out = self.generator.generate(ids, self.config_for(**kwargs))
-        return out[0] if single else out
+        """Generated ids (up to and including EOS, or the token that completed a stop string) for one prompt, or
+        a list for a list of prompts or num_return_sequences > 1; (ids, logprobs) pairs with logprobs=True."""
+        return self._results(prompts, kwargs, "ids")
 
     def generate(self, prompts, **kwargs):
-        """The generated continuation text (without the EOS) for one prompt, or a list for a list of prompts."""
-        gen = self.config_for(**kwargs)
-        ids, single = self._batch(prompts)
-        outs = self.generator.generate(ids, gen)
-        texts = [self.continuation(p, o, gen.eos_ids) for p, o in zip(ids, outs)]
-        return texts[0] if single else texts
+        """The generated continuation text (without the EOS or stop string) for one prompt, or a list for a list of
+        prompts or num_return_sequences > 1; (text, logprobs) pairs with logprobs=True."""
+        self._prompts()
+        return self._results(prompts, kwargs, "text")
 
     def chat_prompt(self, messages, tools=None, documents=None) -> list[int]:
         """The ids of `messages` rendered by the model's chat template with the assistant's turn opened (and
@@ -110,10 +150,7 @@ class LM:
     def chat(self, messages, tools=None, documents=None, **kwargs) -> str:
         """The assistant's reply to `messages` (OpenAI-style [{"role", "content"}, …]), generation stopping at any
         of the model's EOS ids; `kwargs` as for `generate` (e.g. max_new_tokens, temperature=0)."""
-        gen = self.config_for(**kwargs)
-        prompt = self.chat_prompt(messages, tools, documents)
-        (out,) = self.generator.generate([prompt], gen)
-        return self.continuation(prompt, out, gen.eos_ids)
+        return self.generate(self.chat_prompt(messages, tools, documents), **kwargs)
 
     def stream(self, prompt: str | Sequence[int], chunk: int = 16, **kwargs) -> Iterator[str]:
         """Yields the continuation of one prompt piece by piece, every `chunk` tokens; the pieces add up to what
@@ -122,12 +159,15 @@ class LM:
         batch, _ = self._batch(prompt)
         if len(batch) != 1:
             raise UserError(f"stream takes one prompt, got {len(batch)}: use generate for a list of prompts")
-        (ids,) = batch
-        text = self._prompts().text_stream(ids)
-        for (new,) in self.generator.stream([ids], gen, chunk):
+        if gen.num_return_sequences != 1:
+            raise UserError("stream yields one sequence: drop num_return_sequences (or use generate)")
+        text = self._prompts().text_stream(batch[0], gen.stop_strings)
+        for (new,) in self.generator.stream(batch, gen, chunk):
             piece = text.add(self.strip_eos(new, gen.eos_ids))
             if piece:
                 yield piece
+            if text.stopped:  # leaving the loop stops decoding
+                return
         piece = text.finish()
         if piece:
             yield piece

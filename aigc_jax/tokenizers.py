@@ -37,11 +37,13 @@ class Tokenizer:
 
     `eot_token` ends a document (HF's eos_token); `eos_ids` are every id that ends a generation (the end-of-text
     id first, then generation_config.json's, e.g. Llama 3 Instruct's <|eot_id|>); `special_tokens` are the
-    bos/eos/unk/pad strings HF hands a chat template; `chat_template` is the model's Jinja chat template or None.
+    bos/eos/unk/pad strings HF hands a chat template; `chat_template` is the model's Jinja chat template or None;
+    `generation` holds generation_config.json's decoding settings (do_sample, temperature, top_p, …: the keys
+    `decode.config.from_hf` reads), the model's defaults for `generate`.
     """
 
     def __init__(self, hf: tokenizers.Tokenizer, eot_token: str = EOT, *, special_tokens: dict | None = None,
-                 eos_ids: Sequence[int] = (), chat_template: str | None = None):
+                 eos_ids: Sequence[int] = (), chat_template: str | None = None, generation: dict | None = None):
         self.hf = hf
         eot_id = hf.token_to_id(eot_token)
         if eot_id is None:
@@ -50,6 +52,7 @@ class Tokenizer:
         self.special_tokens = {k: v for k, v in {**(special_tokens or {}), "eos_token": eot_token}.items() if v}
         self.eos_ids = tuple(dict.fromkeys([eot_id, *map(int, eos_ids)]))
         self.chat_template = chat_template
+        self.generation = dict(generation or {})
 
     @property
     def bos_id(self) -> int | None:
@@ -113,12 +116,13 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike) -> str:
         """Writes tokenizer.json; and, for a tokenizer with more than GPT-2's `<|endoftext|>` to say, its special
-        tokens (tokenizer_config.json), EOS ids (generation_config.json) and chat template (chat_template.jinja)."""
+        tokens (tokenizer_config.json), EOS ids and decoding defaults (generation_config.json) and chat template
+        (chat_template.jinja)."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, FILE)
         fileio.atomic_save(path, self.hf.save)
         side = {CONFIG_FILE: self.special_tokens if self.special_tokens != {"eos_token": EOT} else None,
-                GENERATION_FILE: {"eos_token_id": list(self.eos_ids)} if self.eos_ids != (self.eot_id,) else None}
+                GENERATION_FILE: self.generation_config()}
         for name, data in side.items():
             if data is not None:
                 fileio.atomic_write_json(os.path.join(directory, name), data)
@@ -130,6 +134,11 @@ class Tokenizer:
         elif os.path.isfile(template):
             os.remove(template)
         return path
+
+    def generation_config(self) -> dict | None:
+        """generation_config.json's content for this tokenizer: None when it has nothing beyond GPT-2's defaults."""
+        eos = {"eos_token_id": list(self.eos_ids)} if self.eos_ids != (self.eot_id,) else {}
+        return {**eos, **self.generation} or None
 
     def render_chat(self, messages, add_generation_prompt: bool = True, template: str | None = None,
                     **kwargs) -> str:
@@ -222,11 +231,14 @@ def load(directory: str | os.PathLike) -> Tokenizer:
             _llama_pipeline(hf, config)
         _apply_add_flags(hf, config, special)
         eot = special["eos_token"] or EOT
-        eos_ids = _eos_ids(_read_json(os.path.join(directory, GENERATION_FILE)).get("eos_token_id"))
-        return Tokenizer(hf, eot, special_tokens=special, eos_ids=eos_ids, chat_template=chat.load_template(directory))
+        generation = _read_json(os.path.join(directory, GENERATION_FILE))
+        return Tokenizer(hf, eot, special_tokens=special, eos_ids=_eos_ids(generation.get("eos_token_id")),
+                         chat_template=chat.load_template(directory), generation=_decoding_settings(generation))
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
         if os.path.isfile(os.path.join(directory, vocab)):
-            return gpt2_bpe(os.path.join(directory, vocab), os.path.join(directory, merges))
+            tokenizer = gpt2_bpe(os.path.join(directory, vocab), os.path.join(directory, merges))
+            tokenizer.generation = _decoding_settings(_read_json(os.path.join(directory, GENERATION_FILE)))
+            return tokenizer
     raise UserError(
         f"no tokenizer in {directory}: expected tokenizer.json, vocab.json + merges.txt, or encoder.json + vocab.bpe"
     )
@@ -256,6 +268,19 @@ def _eos_ids(value) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise UserError(f"{GENERATION_FILE}: eos_token_id must be an int or a list of ints, got {value!r}")
     return ids
+
+
+def _decoding_settings(generation: dict) -> dict:
+    """The decoding keys of generation_config.json (null values dropped), checked to be numbers or booleans."""
+    from aigc_jax.decode.config import HF_KEYS
+
+    settings = {k: v for k, v in generation.items() if k in HF_KEYS and v is not None}
+    for k, v in settings.items():
+        ok = isinstance(v, bool) if k == "do_sample" else v == "never" or isinstance(v, (int, float))
+        if not ok:
+            raise UserError(f"{GENERATION_FILE}: {k} must be a {'boolean' if k == 'do_sample' else 'number'}, "
+                            f"got {v!r}")
+    return settings
 
 
 def _llama_pipeline(hf: tokenizers.Tokenizer, config: dict) -> None:

@@ -55,7 +55,7 @@ def hf_generate(m, prompts, max_new_tokens, eos_ids, pad_id=None, **kwargs):
     with torch.no_grad():
         out = m.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
                          pad_token_id=pad_id, **kwargs)[:, P:].numpy()
-    full = np.full((len(prompts), max_new_tokens), pad_id)
+    full = np.full((out.shape[0], max_new_tokens), pad_id)  # num_return_sequences: rows p*n + j
     full[:, : out.shape[1]] = out
     return full
 

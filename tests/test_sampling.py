@@ -10,7 +10,7 @@ import pytest
 
 from aigc_jax import configs, model
 from aigc_jax.decode import GenerationConfig, Generator
-from aigc_jax.decode.sampling import make_knobs, row_keys, sample, suppress_eos, warp
+from aigc_jax.decode.sampling import make_knobs, penalize, row_keys, sample, seen_in_prompts, suppress_eos, warp
 from aigc_jax.errors import UserError
 
 
@@ -20,17 +20,18 @@ def _hf():
     return pytest.importorskip("torch"), pytest.importorskip("transformers.generation.logits_process")
 
 
-@functools.partial(jax.jit, static_argnames=("use_top_k", "use_top_p"))
-def _warp(logits, knobs, use_top_k, use_top_p):
-    return warp(logits, knobs, use_top_k, use_top_p)
+@functools.partial(jax.jit, static_argnames=("use_top_k", "use_top_p", "use_min_p"))
+def _warp(logits, knobs, use_top_k, use_top_p, use_min_p):
+    return warp(logits, knobs, use_top_k, use_top_p, use_min_p)
 
 
-def ours(logits, temperature=1.0, top_k=0, top_p=1.0):
-    knobs = make_knobs(GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p), 16)
-    return np.asarray(_warp(jnp.asarray(logits), knobs, use_top_k=top_k > 0, use_top_p=top_p < 1))
+def ours(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    knobs = make_knobs(GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p), 16)
+    return np.asarray(_warp(jnp.asarray(logits), knobs, use_top_k=top_k > 0, use_top_p=top_p < 1,
+                            use_min_p=min_p > 0))
 
 
-def hf(logits, temperature=1.0, top_k=0, top_p=1.0):
+def hf(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """HF's sampling warpers in the order and under the conditions `generate` builds them (min_tokens_to_keep=1)."""
     torch, logits_process = _hf()
     scores = torch.tensor(logits)
@@ -40,6 +41,8 @@ def hf(logits, temperature=1.0, top_k=0, top_p=1.0):
         scores = logits_process.TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
         scores = logits_process.TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = logits_process.MinPLogitsWarper(min_p)(None, scores)
     return scores.numpy()
 
 
@@ -59,6 +62,10 @@ SETTINGS = [
     dict(top_p=1e-6),  # keeps only the most likely id
     dict(temperature=1.3, top_k=20, top_p=0.8),
     dict(temperature=0.5, top_k=50, top_p=0.95),
+    dict(min_p=0.1),
+    dict(min_p=1.0),  # keeps only the most likely id
+    dict(temperature=0.6, min_p=0.05),  # after temperature: a colder distribution removes more
+    dict(temperature=1.5, top_k=40, top_p=0.9, min_p=0.2),
 ]
 
 
@@ -89,6 +96,25 @@ def test_warpers_with_tied_logits(setting):
     # the kept multiset of values, hence the distribution up to relabelling equal logits, must agree.
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(np.sort(g[np.isfinite(g)]), np.sort(r[np.isfinite(r)]))
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_is_hfs_over_unpadded_prompt_tokens(penalty):
+    """HF v5 leaves the left padding out of the penalised ids (prompt_ignore_length from the attention mask)."""
+    torch, logits_process = _hf()
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((4, 50)) * 3).astype(np.float32)
+    tokens = rng.integers(0, 50, (4, 9))
+    pads = np.array([0, 3, 8, 5])
+    mask = np.arange(9) >= pads[:, None]
+    tokens[~mask] = 7  # the pad id: penalised in no row unless it really occurs after the padding
+    proc = logits_process.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=torch.tensor(pads))
+    ref = proc(torch.tensor(tokens), torch.tensor(logits)).numpy()
+    seen = seen_in_prompts(jnp.asarray(tokens), jnp.asarray(mask), 50)
+    got = np.asarray(penalize(jnp.asarray(logits), seen, jnp.float32(penalty)))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert (got != logits).any() and (got == logits).any()  # some ids penalised, others not
+    assert int(seen[2].sum()) == 1  # row 2 is all padding but its last token
 
 
 def test_suppress_eos_is_hf_min_new_tokens():
@@ -191,6 +217,13 @@ def test_generation_config_errors():
         (dict(num_beams=2, top_k=5), "beam sampling"),
         (dict(eos_ids=(100,)), "outside the vocabulary"),
         (dict(early_stopping="sometimes"), "--early-stopping"),
+        (dict(min_p=1.5), "--min-p"),
+        (dict(repetition_penalty=0.0), "--repetition-penalty"),
+        (dict(num_beams=2, min_p=0.1), "beam sampling"),
+        (dict(num_return_sequences=2), "greedy decoding has one answer"),
+        (dict(num_return_sequences=3, num_beams=2), "more than the 2 beams"),
+        (dict(temperature=1.0, num_return_sequences=0), "--num-return-sequences"),
+        (dict(stop_strings=[""]), "stop strings must be non-empty"),
     ]:
         with pytest.raises(UserError, match=needle):
             check(**kwargs)

@@ -117,14 +117,18 @@ def expand(spec: str) -> tuple[tuple[str, ...], str]:
 
 def documents(source: Source) -> dict[str, list[Document]]:
     """The documents of each split of a local or default source, in a fixed order."""
-    if source.kind == "default":
-        docs = _stdlib_documents()
-    elif len(source.files) == 1:
+    if source.kind != "default" and len(source.files) == 1:
         return _split_one_file(source.files[0])
-    else:
-        docs = [(os.path.relpath(f, source.root), _reader(f)) for f in source.files]
+    docs = all_documents(source)
     val = validation_names([name for name, _ in docs])
     return {"train": [d for d in docs if d[0] not in val], "validation": [d for d in docs if d[0] in val]}
+
+
+def all_documents(source: Source) -> list[Document]:
+    """Every document of a local or default source, unsplit, in a fixed order (a single file is one document)."""
+    if source.kind == "default":
+        return _stdlib_documents()
+    return [(os.path.relpath(f, source.root), _reader(f)) for f in source.files]
 
 
 def validation_names(names: Sequence[str]) -> set[str]:

@@ -1,7 +1,8 @@
 """Beam search, step for step HF transformers' (v5) `_beam_search`, as a pure state -> state function.
 
 Per prompt b, with nb = num_beams and K = max(2, 1 + n_eos) * nb:
-1. every running beam's log-softmax (EOS at -inf before min_new_tokens) is added to its running score; the top K
+1. every running beam's log-softmax (repetition-penalised over its prompt and tokens, EOS at -inf before
+   min_new_tokens) is added to its running score; the top K
    of the nb·V continuations are kept (K > nb so that nb of them are still running even if many hit EOS);
 2. a continuation "hits" if its token is an EOS or it is the last allowed token;
 3. the best nb continuations that did not hit become the running beams (the cache rows follow them);
@@ -10,7 +11,8 @@ Per prompt b, with nb = num_beams and K = max(2, 1 + n_eos) * nb:
 5. a prompt is done when `early_stopping=True` and nb hypotheses are finished, or when HF's heuristic says the best
    running beam can no longer beat the worst finished one (at the current length, or with "never" and a positive
    length_penalty at the maximal length).
-The answer is the best finished hypothesis; its tokens after the EOS are the pad id.
+The answer is the best finished hypothesis (the best num_return_sequences, in order); its tokens after the EOS are
+the pad id. Each hypothesis also carries its tokens' raw log-probabilities (the model's log-softmax, unpenalised).
 -1e9 penalties are added exactly as HF adds them, so ties and near-ties resolve the same way.
 """
 
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from aigc_jax.decode.config import Strategy
-from aigc_jax.decode.sampling import Knobs, suppress_eos
+from aigc_jax.decode.sampling import Knobs, mark_seen, penalize, suppress_eos
 from aigc_jax.models.cache import KVCache
 
 PENALTY = -1.0e9
@@ -38,10 +40,14 @@ class BeamState:
     finished_scores_BxNb: jax.Array  # [B, nb] their length-penalised scores, best first (-1e9 = empty slot)
     is_finished_BxNb: jax.Array  # [B, nb] bool: slot holds a real hypothesis
     improvable_B: jax.Array  # [B] bool: HF's is_early_stop_heuristic_unsatisfied
+    seen_RxV: jax.Array  # [B*nb, V] bool: ids in each beam's prompt and tokens ([B*nb, 0] without a penalty)
+    running_lp_BxNbxN: jax.Array  # [B, nb, N] f32: raw log-probability of each running beam's tokens
+    finished_lp_BxNbxN: jax.Array  # [B, nb, N] f32: ... of each finished hypothesis's tokens
     step: jax.Array  # [] tokens generated so far
 
 
-def init(cache: KVCache, logits_BxV, next_pos_B, row_ids_B, knobs: Knobs, strategy: Strategy, n_tokens: int):
+def init(cache: KVCache, logits_BxV, next_pos_B, row_ids_B, seen_BxV, knobs: Knobs, strategy: Strategy,
+         n_tokens: int):
     """State after the prefill of B prompts; selects the first token. Filler rows (row_id < 0) start done."""
     nb = strategy.num_beams
     B = logits_BxV.shape[0]
@@ -59,6 +65,9 @@ def init(cache: KVCache, logits_BxV, next_pos_B, row_ids_B, knobs: Knobs, strate
         finished_scores_BxNb=jnp.full((B, nb), PENALTY, jnp.float32),
         is_finished_BxNb=jnp.zeros((B, nb), bool),
         improvable_B=row_ids_B >= 0,
+        seen_RxV=repeat(seen_BxV),
+        running_lp_BxNbxN=jnp.zeros((B, nb, n_tokens), jnp.float32),
+        finished_lp_BxNbxN=jnp.zeros((B, nb, n_tokens), jnp.float32),
         step=jnp.zeros((), jnp.int32),
     )
     return select(state, repeat(logits_BxV), knobs, strategy)
@@ -76,9 +85,12 @@ def done(state: BeamState, knobs: Knobs) -> jax.Array:
     return ~state.improvable_B | full_B
 
 
-def result(state: BeamState):
-    """(tokens_BxN of the best hypothesis, its score)."""
-    return state.finished_BxNbxN[:, 0], state.finished_scores_BxNb[:, 0]
+def result(state: BeamState, strategy: Strategy):
+    """(tokens [B*n, N], scores [B*n], log-probabilities [B*n, N]) of each prompt's n = num_return best hypotheses,
+    best first (row b*n + j is prompt b's j-th, HF's order)."""
+    n = strategy.num_return
+    rows = lambda x: x[:, :n].reshape(-1, *x.shape[2:])
+    return rows(state.finished_BxNbxN), rows(state.finished_scores_BxNb), rows(state.finished_lp_BxNbxN)
 
 
 def _gather(x_BxK, idx_BxJ):
@@ -93,12 +105,16 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
     K = max(2, 1 + strategy.n_eos) * nb
     t = state.step
 
-    log_probs_RxV = suppress_eos(jax.nn.log_softmax(logits_RxV, axis=-1), knobs.eos_ids, t < knobs.min_new_tokens)
+    raw_RxV = jax.nn.log_softmax(logits_RxV, axis=-1)
+    log_probs_RxV = penalize(raw_RxV, state.seen_RxV, knobs.repetition_penalty) if strategy.use_penalty else raw_RxV
+    log_probs_RxV = suppress_eos(log_probs_RxV, knobs.eos_ids, t < knobs.min_new_tokens)
     acc_BxNbxV = log_probs_RxV.reshape(B, nb, V) + state.running_scores_BxNb[:, :, None]
     top_scores_BxK, top_idx_BxK = lax.top_k(acc_BxNbxV.reshape(B, nb * V), K)
     src_BxK, tok_BxK = top_idx_BxK // V, (top_idx_BxK % V).astype(jnp.int32)
-    top_tokens_BxKxN = _gather(state.running_BxNbxN, src_BxK)
-    top_tokens_BxKxN = lax.dynamic_update_slice_in_dim(top_tokens_BxKxN, tok_BxK[:, :, None], t, axis=2)
+    extend = lambda x_BxNbxN, new_BxK: lax.dynamic_update_slice_in_dim(_gather(x_BxNbxN, src_BxK),
+                                                                        new_BxK[:, :, None], t, axis=2)
+    top_tokens_BxKxN = extend(state.running_BxNbxN, tok_BxK)
+    top_lp_BxKxN = extend(state.running_lp_BxNbxN, jnp.take_along_axis(raw_RxV.reshape(B, nb * V), top_idx_BxK, 1))
     hits_BxK = jnp.isin(tok_BxK, knobs.eos_ids) | (t + 1 >= knobs.max_new_tokens)
 
     # 3. The running beams of the next step: the best nb continuations that did not hit.
@@ -106,6 +122,10 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
     running_scores_BxNb, keep_BxNb = lax.top_k(running_scores_BxK, nb)
     running_BxNbxN = _gather(top_tokens_BxKxN, keep_BxNb)
     parent_BxNb = _gather(src_BxK, keep_BxNb)
+    seen_RxV = state.seen_RxV
+    if strategy.use_penalty:  # each new beam inherits its parent's ids, plus its new token
+        seen_RxV = _gather(seen_RxV.reshape(B, nb, V), parent_BxNb).reshape(B * nb, V)
+        seen_RxV = mark_seen(seen_RxV, running_BxNbxN[:, :, t].reshape(B * nb))
 
     # 4. Finished hypotheses, merged with the best so far.
     just_finished_BxK = hits_BxK & (jnp.arange(K) < nb)
@@ -116,8 +136,10 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
     cand_BxK = cand_BxK + (~just_finished_BxK).astype(jnp.float32) * PENALTY
     merged_scores = jnp.concatenate([state.finished_scores_BxNb, cand_BxK], axis=1)
     finished_scores_BxNb, best_BxNb = lax.top_k(merged_scores, nb)
-    finished_BxNbxN = _gather(jnp.concatenate([state.finished_BxNbxN, top_tokens_BxKxN], axis=1), best_BxNb)
-    is_finished_BxNb = _gather(jnp.concatenate([state.is_finished_BxNb, just_finished_BxK], axis=1), best_BxNb)
+    merged = lambda old_BxNbxN, new_BxKxN: _gather(jnp.concatenate([old_BxNbxN, new_BxKxN], axis=1), best_BxNb)
+    finished_BxNbxN = merged(state.finished_BxNbxN, top_tokens_BxKxN)
+    finished_lp_BxNbxN = merged(state.finished_lp_BxNbxN, top_lp_BxKxN)
+    is_finished_BxNb = merged(state.is_finished_BxNb, just_finished_BxK)
 
     # 5. HF's early-stop heuristic, evaluated with the new length t + 1.
     use_max_len = knobs.early_stopping_never & (knobs.length_penalty > 0)
@@ -132,7 +154,10 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
         cache=state.cache.gather_groups(parent_BxNb),
         running_BxNbxN=running_BxNbxN,
         running_scores_BxNb=running_scores_BxNb,
+        running_lp_BxNbxN=_gather(top_lp_BxKxN, keep_BxNb),
+        seen_RxV=seen_RxV,
         finished_BxNbxN=finished_BxNbxN,
+        finished_lp_BxNbxN=finished_lp_BxNbxN,
         finished_scores_BxNb=finished_scores_BxNb,
         is_finished_BxNb=is_finished_BxNb,
         improvable_B=improvable_B,

@@ -9,13 +9,20 @@ import sys
 
 from aigc_jax.errors import UserError
 
+CLI_MAX_NEW_TOKENS = 64  # for a model whose generation_config.json does not say
+# Flag -> GenerationConfig field, for the flags passed on only when given (the model's defaults fill the rest).
+_KNOBS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+          "num_beams", "num_return_sequences", "length_penalty", "early_stopping", "seed")
+
 
 def register(sub) -> None:
     p = sub.add_parser(
         "generate",
-        help="generate text: greedy (--temperature 0), sampling, or beam search (--num-beams)",
+        help="generate text: greedy, sampling (--temperature), or beam search (--num-beams)",
         description="Continues each prompt with the model. Decoding runs on device (one compiled loop per "
-        "shape bucket) and matches HF transformers' generate token for token.",
+        "shape bucket) and matches HF transformers' generate token for token. Decoding settings not given here "
+        "come from the model's generation_config.json as HF reads it (e.g. Llama 3 Instruct samples with "
+        "temperature 0.6, top-p 0.9 and HF's top-k 50); a model without one decodes greedily, as HF does.",
     )
     p.add_argument("--model", required=True, metavar="SRC",
                    help="aigc_jax model dir, training workdir, or HF GPT-2/Llama/Qwen2/Mistral dir; a preset name "
@@ -32,20 +39,35 @@ def register(sub) -> None:
     for role in ("system", "user", "assistant"):
         chat.add_argument(f"--{role}", metavar="TEXT", action=_Message, dest="conversation", default=[],
                           help=f"a {role} message, in order with the others (repeatable); implies --chat")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-new-tokens", type=int, default=0, help="end-of-text is suppressed before this many tokens")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1: sampling)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (deterministic)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob / length ** this")
-    p.add_argument("--early-stopping", default="false", choices=["true", "false", "never"],
+    model_default = "default: the model's generation_config.json, else "
+    p.add_argument("--max-new-tokens", type=int, default=None, help=model_default + str(CLI_MAX_NEW_TOKENS))
+    p.add_argument("--min-new-tokens", type=int, default=None, help="end-of-text is suppressed before this many "
+                   "tokens")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"> 0 samples, 0 = greedy ({model_default}greedy; --top-k/--top-p/--min-p alone sample at 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this fraction of the most likely one's probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages tokens already in the prompt or the output, as HF's (1 = off)")
+    p.add_argument("--num-beams", type=int, default=None, help="> 1: beam search (deterministic)")
+    p.add_argument("--num-return-sequences", type=int, default=None, metavar="N",
+                   help="N continuations per prompt: N samples, or the N best beams (needs --num-beams >= N)")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam score = log-prob / length ** this")
+    p.add_argument("--early-stopping", default=None, choices=["true", "false", "never"],
                    help="beam search stopping rule, as HF's early_stopping")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the text before this string and stop generating (repeatable)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS ids (<|endoftext|>, …)")
     p.add_argument("--seed", type=int, default=None,
                    help="sampling seed (each prompt's samples depend only on it); default: a fresh one, reported")
     p.add_argument("--json", action="store_true",
-                   help='one JSON object per prompt: {"prompt", "text", "token_ids", "seed"}')
+                   help='one JSON object per sequence: {"prompt", "text", "token_ids"}, with "seed" when sampling '
+                   'and "sequence" (its number) with --num-return-sequences')
+    p.add_argument("--logprobs", action="store_true",
+                   help='--json also gives "logprobs": each generated token\'s log-probability under the model '
+                   "(its log-softmax, before temperature, penalty or filtering)")
     p.add_argument("--stream", action="store_true", help="print text as it is produced, every --chunk tokens")
     p.add_argument("--chunk", type=int, default=16, help="tokens per streamed chunk")
     p.add_argument("--parallel", default="none", choices=["none", "pmap", "shard_map"],
@@ -126,31 +148,27 @@ def run(args: argparse.Namespace) -> int:
 
     messages = _conversation(args)
     prompts = _prompts(args) if messages is None else [""]
-    if args.stream and args.json:
-        raise UserError("--stream prints text as it comes; --json prints whole results: choose one")
-    if args.stream and args.num_beams > 1:
-        raise UserError("--stream works with greedy decoding and sampling, not beam search (its best beam changes)")
-    if args.chunk < 1:
-        raise UserError(f"--chunk must be >= 1, got {args.chunk}")
-    knobs = dict(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
-        early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping), seed=args.seed,
-    )
-    # Flag errors before the (slow) model load; token-count errors need the tokenizer and come after it.
+    _check_output_flags(args)
+    knobs = _knobs(args)
+    # Flag errors before the (slow) model load (assuming sampling where the model's defaults may decide it);
+    # errors that need the model's defaults or the tokenizer come after it.
     from aigc_jax.decode import GenerationConfig
 
-    GenerationConfig(**knobs).check(n_positions=2**31 - 1, vocab_size=2**31 - 1)
+    GenerationConfig(**{"temperature": 1.0, **knobs}).check(n_positions=2**31 - 1, vocab_size=2**31 - 1)
     lm = api.load(args.model, parallel=args.parallel, overrides=configs.parse_assignments(args.set), mesh=args.mesh,
                   random_init=args.random_init)
     if lm.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt) to encode text")
+    if "max_new_tokens" not in knobs and "max_new_tokens" not in lm.generation_defaults:
+        knobs["max_new_tokens"] = CLI_MAX_NEW_TOKENS
     if args.no_eos:
         knobs["eos_ids"] = ()
     gen = lm.config_for(**knobs)
-    knobs["seed"] = gen.seed  # a fresh seed was drawn unless --seed was given: every prompt uses the same one
     ids = [lm.encode(p) for p in prompts] if messages is None else [lm.chat_prompt(messages)]
     if args.stream:
+        if gen.strategy_kind == "beam":
+            raise UserError("--stream works with greedy decoding and sampling, not beam search (its best beam changes)")
+        knobs["seed"] = gen.seed  # a fresh seed was drawn unless --seed was given: every prompt uses the same one
         for i, prompt in enumerate(prompts):
             print(("\n" if i else "") + prompt, end="", flush=True)
             for piece in lm.stream(ids[i], chunk=args.chunk, **{**knobs, "eos_ids": gen.eos_ids}):
@@ -158,19 +176,44 @@ def run(args: argparse.Namespace) -> int:
             print(flush=True)
         _report_seed(args, gen)
         return 0
-    outputs = lm.generator.generate(ids, gen)
-    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
-        text = lm.continuation(ids[i], out, gen.eos_ids)
+    n = gen.num_return_sequences
+    for i, c in enumerate(lm.complete(ids, gen)):
         if args.json:
-            head = {"prompt": prompt} if messages is None else {"messages": messages}
-            print(json.dumps({**head, "text": text, "token_ids": out, "seed": gen.seed}, ensure_ascii=False))
+            head = {"prompt": prompts[c.prompt]} if messages is None else {"messages": messages}
+            row = {**head, **({"sequence": i % n} if n > 1 else {}), "text": c.text, "token_ids": c.ids}
+            row.update({"logprobs": c.logprobs} if args.logprobs else {})
+            row.update({"seed": gen.seed} if gen.is_sampling else {})
+            print(json.dumps(row, ensure_ascii=False))
         else:
-            print(("\n" if i else "") + prompt + text)
+            print(("\n" if i else "") + prompts[c.prompt] + c.text)
     sys.stdout.flush()
     _report_seed(args, gen)
     return 0
 
 
+def _check_output_flags(args) -> None:
+    if args.stream and args.json:
+        raise UserError("--stream prints text as it comes; --json prints whole results: choose one")
+    if args.logprobs and not args.json:
+        raise UserError("--logprobs is part of the --json output: add --json")
+    if args.stream and args.num_return_sequences not in (None, 1):
+        raise UserError("--stream prints one sequence per prompt: drop --num-return-sequences")
+    if args.chunk < 1:
+        raise UserError(f"--chunk must be >= 1, got {args.chunk}")
+
+
+def _knobs(args) -> dict:
+    """The GenerationConfig fields the flags set (only those given: the model's defaults fill the rest)."""
+    knobs = {k: getattr(args, k) for k in _KNOBS if getattr(args, k) is not None}
+    if "early_stopping" in knobs:
+        knobs["early_stopping"] = {"true": True, "false": False}.get(knobs["early_stopping"], "never")
+    if args.stop:
+        knobs["stop_strings"] = tuple(args.stop)
+    if args.logprobs:
+        knobs["logprobs"] = True
+    return knobs
+
+
 def _report_seed(args, gen) -> None:
-    if args.seed is None and gen.strategy_kind == "sample" and not args.json:  # --json carries it in every line
+    if args.seed is None and gen.is_sampling and not args.json:  # --json carries it in every line
         print(f"seed {gen.seed} (pass --seed {gen.seed} to reproduce these samples)", file=sys.stderr)

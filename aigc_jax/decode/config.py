@@ -31,26 +31,37 @@ MIN_BUCKET = 16
 class GenerationConfig:
     """The knobs of HF's `generate`, with the same meaning. temperature=0 is greedy; num_beams>1 is beam search.
 
-    Defaults differ from HF's in two places: sampling (temperature 1) rather than greedy, and top_k off (HF
-    samples with top_k=50 unless told otherwise). Pass top_k=50 to reproduce HF's default sampling.
+    These defaults are for a model without a generation_config.json: greedy, as HF's own default (do_sample=False).
+    `aigc_jax.api` starts from the model's generation_config.json when it has one (`from_hf`), and explicit
+    arguments override it. One difference from HF remains: sampling without top_k samples from the whole
+    vocabulary (HF samples with top_k=50 unless told otherwise); pass top_k=50 to reproduce HF's default sampling.
     """
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0  # EOS ids are suppressed until this many tokens were generated
-    temperature: float = 1.0  # 0 = greedy (argmax); > 0 = sampling
+    temperature: float = 0.0  # 0 = greedy (argmax); > 0 = sampling
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off; else ids less likely than min_p x the most likely one's probability are removed
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages ids already in the prompt or the output (also beams)
     num_beams: int = 1
+    num_return_sequences: int = 1  # sequences per prompt (rows p*n + j, as HF): sampling, or the n best beams
     length_penalty: float = 1.0  # beam score = sum of log-probs / generated_length ** length_penalty
     early_stopping: EarlyStopping = False  # beam search: True, False or "never", as in HF
     eos_ids: tuple[int, ...] = ()  # a row finishes at any of these; () or None = never; one int = (int,) as in HF
     pad_id: int | None = None  # emitted by finished rows; default eos_ids[0] (HF with pad_token_id=eos), else 0
     seed: int | None = None  # sampling seed; None = a fresh one per call (see `with_seed`), as HF draws afresh
+    stop_strings: tuple[str, ...] = ()  # the text ends before the first of these (aigc_jax.api: needs the tokenizer)
+    logprobs: bool = False  # also return each generated token's log-probability (raw log-softmax of the logits)
 
     def __post_init__(self):
         # NumPy/JAX integers (e.g. a length computed with numpy) count as ints; eos_ids takes HF's int | list | None.
-        for f in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "pad_id", "seed"):
+        for f in ("max_new_tokens", "min_new_tokens", "top_k", "num_beams", "num_return_sequences", "pad_id", "seed"):
             object.__setattr__(self, f, as_int(getattr(self, f)))
+        if isinstance(self.stop_strings, str):  # HF's stop_strings may be one string
+            object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        elif isinstance(self.stop_strings, (list, tuple)):
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         eos = self.eos_ids
         eos = () if eos is None else (eos,) if _is_int(as_int(eos)) else eos
         if not isinstance(eos, (str, bytes)) and hasattr(eos, "__iter__"):
@@ -81,16 +92,23 @@ class GenerationConfig:
             raise UserError(f"--top-k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not (isinstance(self.min_p, numbers.Real) and 0 <= self.min_p <= 1):
+            raise UserError(f"--min-p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        if not (isinstance(self.repetition_penalty, numbers.Real) and 0 < self.repetition_penalty < math.inf):
+            raise UserError(f"--repetition-penalty must be a finite number > 0 (1 = off), "
+                            f"got {self.repetition_penalty!r}")
         if not _is_int(self.num_beams) or self.num_beams < 1:
             raise UserError(f"--num-beams must be an integer >= 1, got {self.num_beams!r}")
+        self._check_sequences()
         if self.seed is not None and not _is_int(self.seed):
             raise UserError(f"--seed must be an integer (or None for a fresh one), got {self.seed!r}")
         if not (isinstance(self.length_penalty, numbers.Real) and math.isfinite(self.length_penalty)):
             raise UserError(f"--length-penalty must be a finite number, got {self.length_penalty!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise UserError(f"--early-stopping must be true, false or never, got {self.early_stopping!r}")
-        if self.num_beams > 1 and (self.top_k or self.top_p < 1 or self.temperature not in (0, 1)):
-            raise UserError("beam sampling is not supported: with --num-beams > 1 drop --temperature/--top-k/--top-p")
+        if self.num_beams > 1 and (self.top_k or self.top_p < 1 or self.min_p or self.temperature not in (0, 1)):
+            raise UserError("beam sampling is not supported: with --num-beams > 1 drop "
+                            "--temperature/--top-k/--top-p/--min-p")
         if not isinstance(self.eos_ids, tuple):
             raise UserError(f"eos ids must be an int or a list of ints, got {self.eos_ids!r}")
         for name, ids in (("eos id", self.eos_ids), ("pad id", () if self.pad_id is None else (self.pad_id,))):
@@ -112,11 +130,48 @@ class GenerationConfig:
                     f"model's context of {n_positions} tokens (use at most {n_positions - n + 1} new tokens)"
                 )
 
+    def _check_sequences(self) -> None:
+        n = self.num_return_sequences
+        if not _is_int(n) or n < 1:
+            raise UserError(f"--num-return-sequences must be an integer >= 1, got {n!r}")
+        if n > 1 and self.strategy_kind == "greedy":
+            raise UserError(f"greedy decoding has one answer per prompt: --num-return-sequences {n} needs sampling "
+                            f"(--temperature > 0) or beam search (--num-beams >= {n})")
+        if self.strategy_kind == "beam" and n > self.num_beams:
+            raise UserError(f"--num-return-sequences {n} is more than the {self.num_beams} beams: "
+                            f"use --num-beams >= {n}")
+        if not all(isinstance(s, str) and s for s in self.stop_strings) or not isinstance(self.stop_strings, tuple):
+            raise UserError(f"stop strings must be non-empty strings, got {self.stop_strings!r}")
+        if not isinstance(self.logprobs, bool):
+            raise UserError(f"logprobs must be True or False, got {self.logprobs!r}")
+
+    @property
+    def is_sampling(self) -> bool:
+        return self.strategy_kind == "sample"
+
     @property
     def strategy_kind(self) -> str:
         if self.num_beams > 1:
             return "beam"
         return "greedy" if self.temperature == 0 else "sample"
+
+
+# generation_config.json keys that `from_hf` reads (the ones with a GenerationConfig counterpart).
+HF_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
+           "min_new_tokens", "num_beams", "num_return_sequences", "length_penalty", "early_stopping")
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
+
+
+def from_hf(hf: dict) -> dict:
+    """The GenerationConfig fields a model's generation_config.json sets, as HF's `generate` reads it: greedy
+    unless do_sample is true (a greedy config's sampling keys are ignored, as HF ignores them); when sampling,
+    temperature defaults to 1 and top_k to 50 (HF's defaults). Absent or null keys are left out, so the caller's
+    defaults apply to them."""
+    given = {k: v for k, v in hf.items() if k in HF_KEYS and v is not None}
+    out = {k: v for k, v in given.items() if k not in (*_SAMPLING_KEYS, "do_sample")}
+    if given.get("do_sample") is True:
+        out.update({"temperature": 1.0, "top_k": 50, **{k: given[k] for k in _SAMPLING_KEYS if k in given}})
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +182,11 @@ class Strategy:
     n_eos: int = 1
     use_top_k: bool = False
     use_top_p: bool = False
+    use_min_p: bool = False
+    use_penalty: bool = False  # the loop state carries a [rows, vocab] mask of the ids seen
+    logprobs: bool = False
     num_beams: int = 1
+    num_return: int = 1  # beam search: the best num_return hypotheses of each prompt (sampling repeats rows)
 
     @classmethod
     def of(cls, gen: GenerationConfig) -> "Strategy":
@@ -137,7 +196,11 @@ class Strategy:
             n_eos=max(1, len(gen.eos_ids)),  # see make_knobs: no EOS is encoded as one impossible id
             use_top_k=kind == "sample" and gen.top_k > 0,
             use_top_p=kind == "sample" and gen.top_p < 1,
+            use_min_p=kind == "sample" and gen.min_p > 0,
+            use_penalty=gen.repetition_penalty != 1,
+            logprobs=gen.logprobs,
             num_beams=gen.num_beams if kind == "beam" else 1,
+            num_return=gen.num_return_sequences if kind == "beam" else 1,
         )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import flax
 import jax
@@ -32,7 +33,8 @@ from aigc_jax.configs import ModelConfig
 from aigc_jax.decode import beam
 from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.config import GenerationConfig, Strategy, batch_bucket, bucket
-from aigc_jax.decode.sampling import Knobs, make_knobs, row_keys, sample, suppress_eos, warp
+from aigc_jax.decode.sampling import (Knobs, make_knobs, mark_seen, penalize, row_keys, sample, seen_in_prompts,
+                                     suppress_eos, warp)
 from aigc_jax.errors import UserError
 
 MODES = ("none", *parallel.MODES, "mesh")
@@ -48,10 +50,12 @@ class SampleState:
     tokens_BxN: jax.Array  # generated ids; pad after a row finished and beyond `step`
     finished_B: jax.Array  # bool: emitted an EOS (filler rows start finished)
     row_ids_B: jax.Array  # global row index (seeds the row's samples); -1 for filler rows
+    seen_BxV: jax.Array  # bool: ids in the prompt or generated (the repetition penalty's); [B, 0] without it
+    logprobs_BxN: jax.Array  # f32: each generated id's raw log-probability (zeros unless strategy.logprobs)
     step: jax.Array  # [] tokens generated so far
 
 
-def _sample_init(cache, logits_BxV, next_pos_B, row_ids_B, knobs, strategy, n_tokens):
+def _sample_init(cache, logits_BxV, next_pos_B, row_ids_B, seen_BxV, knobs, strategy, n_tokens):
     B = logits_BxV.shape[0]
     state = SampleState(
         cache=cache,
@@ -59,6 +63,8 @@ def _sample_init(cache, logits_BxV, next_pos_B, row_ids_B, knobs, strategy, n_to
         tokens_BxN=jnp.full((B, n_tokens), knobs.pad_id, jnp.int32),
         finished_B=row_ids_B < 0,
         row_ids_B=row_ids_B,
+        seen_BxV=seen_BxV,
+        logprobs_BxN=jnp.zeros((B, n_tokens), jnp.float32),
         step=jnp.zeros((), jnp.int32),
     )
     return _sample_select(state, logits_BxV, knobs, strategy)
@@ -66,16 +72,22 @@ def _sample_init(cache, logits_BxV, next_pos_B, row_ids_B, knobs, strategy, n_to
 
 def _sample_select(state: SampleState, logits_BxV, knobs: Knobs, strategy: Strategy) -> SampleState:
     t = state.step
-    scores_BxV = suppress_eos(logits_BxV, knobs.eos_ids, t < knobs.min_new_tokens)
+    scores_BxV = penalize(logits_BxV, state.seen_BxV, knobs.repetition_penalty) if strategy.use_penalty else logits_BxV
+    scores_BxV = suppress_eos(scores_BxV, knobs.eos_ids, t < knobs.min_new_tokens)
     if strategy.kind == "greedy":
         token_B = jnp.argmax(scores_BxV, axis=-1).astype(jnp.int32)
     else:
-        scores_BxV = warp(scores_BxV, knobs, strategy.use_top_k, strategy.use_top_p)
+        scores_BxV = warp(scores_BxV, knobs, strategy.use_top_k, strategy.use_top_p, strategy.use_min_p)
         token_B = sample(scores_BxV, row_keys(knobs.seed, state.row_ids_B, t))
     token_B = jnp.where(state.finished_B, knobs.pad_id, token_B)
+    put = lambda buf_BxN, x_B: lax.dynamic_update_slice_in_dim(buf_BxN, x_B[:, None], t, axis=1)
+    if strategy.use_penalty:
+        state = state.replace(seen_BxV=mark_seen(state.seen_BxV, token_B))
+    if strategy.logprobs:
+        logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV), token_B[:, None], axis=-1)[:, 0]
+        state = state.replace(logprobs_BxN=put(state.logprobs_BxN, jnp.where(state.finished_B, 0.0, logprob_B)))
     finished_B = state.finished_B | jnp.isin(token_B, knobs.eos_ids)
-    tokens_BxN = lax.dynamic_update_slice_in_dim(state.tokens_BxN, token_B[:, None], t, axis=1)
-    return state.replace(tokens_BxN=tokens_BxN, finished_B=finished_B, step=t + 1)
+    return state.replace(tokens_BxN=put(state.tokens_BxN, token_B), finished_B=finished_B, step=t + 1)
 
 
 def _sample_last_tokens(state: SampleState):
@@ -96,7 +108,8 @@ _SAMPLE = _Search(
     select=_sample_select,
     last_tokens=_sample_last_tokens,
     done=lambda state, knobs: state.finished_B,
-    result=lambda state: (state.tokens_BxN, jnp.zeros(state.tokens_BxN.shape[0], jnp.float32)),
+    result=lambda state, strategy: (state.tokens_BxN, jnp.zeros(state.tokens_BxN.shape[0], jnp.float32),
+                                    state.logprobs_BxN),
 )
 _BEAM = _Search(beam.BeamState, beam.init, beam.select, beam.last_tokens, beam.done, beam.result)
 
@@ -136,7 +149,10 @@ class Program:
         )
         logits_BxV = logits_Bx1xV[:, 0, : cfg.vocab_size]
         next_pos_B = positions_BxP[:, -1] + 1
-        return self.search.init(cache, logits_BxV, next_pos_B, row_ids_B, knobs, self.strategy, self.n_tokens)
+        seen_BxV = (seen_in_prompts(tokens_BxP, mask_BxP, cfg.vocab_size) if self.strategy.use_penalty
+                    else jnp.zeros((B, 0), bool))
+        return self.search.init(cache, logits_BxV, next_pos_B, row_ids_B, seen_BxV, knobs, self.strategy,
+                                self.n_tokens)
 
     def run(self, params, state, knobs: Knobs, stop):
         """Decodes until `stop` tokens were generated (traced: one executable for every chunk) or all rows are done."""
@@ -156,9 +172,10 @@ class Program:
         return self.loop(cond, body, state)
 
     def generate(self, params, tokens_BxP, mask_BxP, row_ids_B, knobs: Knobs):
-        """Prefill + the whole loop in one call: (ids [B, N], scores [B] (beam search; zeros otherwise))."""
+        """Prefill + the whole loop in one call: (ids [R, N], scores [R] (beam search; zeros otherwise), raw
+        log-probabilities [R, N]); R = B, or B * num_return for beam search (a prompt's hypotheses consecutive)."""
         state = self.prefill(params, tokens_BxP, mask_BxP, row_ids_B, knobs)
-        return self.search.result(self.run(params, state, knobs, knobs.max_new_tokens))
+        return self.search.result(self.run(params, state, knobs, knobs.max_new_tokens), self.strategy)
 
     # Streaming hands the state across the device boundary, where every leaf must split like the batch:
     # per-device scalars (step, cache index) travel as a [1] per device.
@@ -211,6 +228,12 @@ def for_decoding(config: ModelConfig, params, cast_params: bool = True):
 # Compiled programs, shared by every Generator: params are arguments, not constants, so loading the same model
 # (or another with the same config) again reuses the executables instead of recompiling.
 _PROGRAMS: dict[tuple, tuple[Program, dict[str, Callable]]] = {}
+
+
+class Padded(NamedTuple):
+    tokens: np.ndarray  # [rows, max_new_tokens] int32, the pad id after EOS
+    scores: np.ndarray  # [rows] f32: beam search's length-penalised score (zeros otherwise)
+    logprobs: np.ndarray | None  # [rows, max_new_tokens] f32 raw log-probabilities (with gen.logprobs; 0 after EOS)
 
 
 class Generator:
@@ -288,13 +311,16 @@ class Generator:
     # -- inputs and outputs ------------------------------------------------------------------------------------
 
     def _prepare(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig):
-        """Checks, buckets, left-pads and places a batch: (fns, device inputs, knobs, batch size)."""
+        """Checks, buckets, left-pads and places a batch: (fns, device inputs, knobs, rows of output). Sampling
+        with num_return_sequences = n repeats each prompt n times (rows p*n + j, each with its own key), as HF."""
         cfg = self.config
         if not len(prompts):
             raise UserError("no prompts given")
         prompts = [list(map(int, p)) for p in prompts]
         gen = gen.with_seed()
         gen.check(cfg.n_positions, cfg.vocab_size, [len(p) for p in prompts])
+        if gen.is_sampling:
+            prompts = [p for p in prompts for _ in range(gen.num_return_sequences)]
         bad = next((t for p in prompts for t in p if not 0 <= t < cfg.vocab_size), None)
         if bad is not None:
             raise UserError(f"token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
@@ -316,44 +342,67 @@ class Generator:
         elif self.mode != "none":
             batch = parallel.shard_batch(batch, self.mode, self.mesh)
         _, fns = self._compiled(strategy, N)
-        return fns, batch, make_knobs(gen, N), B
+        return fns, batch, make_knobs(gen, N), B * (1 if gen.is_sampling else gen.num_return_sequences)
 
     def _rows(self, x) -> np.ndarray:
         return np.asarray(x) if self.mode in ("none", "mesh") else parallel.gather_rows(x, self.mode)
 
     # -- public ------------------------------------------------------------------------------------------------
 
+    def decode_padded(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig,
+                      until: Callable[[np.ndarray], bool] | None = None, chunk: int = 16) -> "Padded":
+        """Every output row padded to max_new_tokens (len(prompts) * num_return_sequences rows, a prompt's
+        sequences consecutive). `until` (greedy and sampling): called with the ids so far [rows, n] every `chunk`
+        tokens; decoding stops early when it returns True (e.g. every row has reached a stop string)."""
+        if until is None or gen.strategy_kind == "beam":
+            fns, batch, knobs, R = self._prepare(prompts, gen)
+            tokens_RxN, scores_R, logprobs_RxN = fns["generate"](self.params, *batch, knobs)
+            return Padded(self._rows(tokens_RxN)[:R, : gen.max_new_tokens], self._rows(scores_R)[:R],
+                          self._rows(logprobs_RxN)[:R, : gen.max_new_tokens] if gen.logprobs else None)
+        for state, n, R in self._chunks(prompts, gen, chunk):
+            tokens_RxN = self._rows(state.tokens_BxN)[:R, : gen.max_new_tokens]
+            if until(tokens_RxN[:, :n]):
+                break
+        logprobs = self._rows(state.logprobs_BxN)[:R, : gen.max_new_tokens] if gen.logprobs else None
+        return Padded(tokens_RxN, np.zeros(R, np.float32), logprobs)
+
     def generate_padded(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig):
-        """(ids [len(prompts), max_new_tokens] with the pad id after EOS, scores [len(prompts)] (beams only))."""
-        fns, batch, knobs, B = self._prepare(prompts, gen)
-        tokens_BxN, scores_B = fns["generate"](self.params, *batch, knobs)
-        return self._rows(tokens_BxN)[:B, : gen.max_new_tokens], self._rows(scores_B)[:B]
+        """(ids [rows, max_new_tokens] with the pad id after EOS, scores [rows] (beams only)); rows as decode_padded."""
+        out = self.decode_padded(prompts, gen)
+        return out.tokens, out.scores
 
     def generate(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[list[int]]:
-        """The generated ids of each prompt, up to and including its first EOS."""
+        """The generated ids of each output row (see decode_padded), up to and including its first EOS."""
         tokens, _ = self.generate_padded(prompts, gen)
         return [trim(row, gen.eos_ids) for row in tokens]
+
+    def _chunks(self, prompts, gen: GenerationConfig, chunk: int) -> Iterator[tuple]:
+        """(loop state, tokens generated, output rows) after every `chunk` tokens, until max_new_tokens; the loop
+        stays on device in between, and the state is the host's to read."""
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise UserError(f"--chunk must be a positive integer, got {chunk!r}")
+        fns, batch, knobs, R = self._prepare(prompts, gen)
+        state = fns["prefill"](self.params, *batch, knobs)
+        stop = 0
+        while stop < gen.max_new_tokens:
+            stop = min((stop // chunk + 1) * chunk, gen.max_new_tokens)  # the first chunk includes the prefill's token
+            state = fns["run"](self.params, state, knobs, np.int32(stop))
+            yield state, stop, R
 
     def stream(
         self, prompts: Sequence[Sequence[int]], gen: GenerationConfig, chunk: int = 16
     ) -> Iterator[list[list[int]]]:
-        """Yields each prompt's newly generated ids every `chunk` tokens (the loop stays on device in between).
+        """Yields each output row's newly generated ids every `chunk` tokens (the loop stays on device in between).
 
         Rows stop contributing after their EOS (which is included). Greedy and sampling only.
         """
         if gen.strategy_kind == "beam":
             raise UserError("streaming works with greedy decoding and sampling, not beam search (its best beam moves)")
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-            raise UserError(f"--chunk must be a positive integer, got {chunk!r}")
-        fns, batch, knobs, B = self._prepare(prompts, gen)
-        state = fns["prefill"](self.params, *batch, knobs)
-        shown = [0] * B
-        done = [False] * B
-        stop = 0
-        while True:
-            stop = min((stop // chunk + 1) * chunk, gen.max_new_tokens)  # the first chunk includes the prefill's token
-            state = fns["run"](self.params, state, knobs, np.int32(stop))
-            tokens = self._rows(state.tokens_BxN)[:B, :stop]
+        shown = done = None
+        for state, stop, R in self._chunks(prompts, gen, chunk):
+            if shown is None:
+                shown, done = [0] * R, [False] * R
+            tokens = self._rows(state.tokens_BxN)[:R, :stop]
             new = []
             for i, row in enumerate(tokens):
                 ids = [] if done[i] else trim(row[shown[i]:], gen.eos_ids)
@@ -361,7 +410,7 @@ class Generator:
                 done[i] = done[i] or (bool(ids) and ids[-1] in gen.eos_ids)
                 new.append(ids)
             yield new
-            if stop >= gen.max_new_tokens or all(done):
+            if all(done):
                 return
 
     def lower(self, prompts: Sequence[Sequence[int]], gen: GenerationConfig, program: str = "generate"):
@@ -403,7 +452,7 @@ def mesh_programs(program: Program, mesh, param_shardings) -> dict[str, Callable
     state = decode_mesh.state_shardings(program.search.state, mesh)
     batch_in = (param_shardings, rows, rows, rows, rep)
     return {
-        "generate": decode_mesh.jit(program.generate, mesh, batch_in, (rows, rows)),
+        "generate": decode_mesh.jit(program.generate, mesh, batch_in, (rows, rows, rows)),
         "prefill": decode_mesh.jit(program.prefill, mesh, batch_in, state),
         "run": decode_mesh.jit(program.run, mesh, (param_shardings, state, rep, rep), state, donate_argnums=(1,)),
     }

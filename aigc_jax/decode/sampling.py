@@ -1,11 +1,14 @@
 """Next-token selection with HF transformers' semantics, as pure functions on fp32 logits [B, V].
 
-HF applies, in this order: EOS suppression while fewer than `min_new_tokens` were generated, then (sampling
-only) temperature → top-k → top-p, then samples from the softmax (or takes the argmax when greedy).
-Removed ids get -inf, HF's `filter_value`, so the filtered logits can be compared with HF's processors.
+HF applies, in this order: the repetition penalty (over the prompt and the tokens generated so far), EOS
+suppression while fewer than `min_new_tokens` were generated, then (sampling only) temperature → top-k → top-p →
+min-p, then samples from the softmax (or takes the argmax when greedy). Beam search applies the penalty and the
+EOS suppression to log-softmax scores, as HF's beam search does. Removed ids get -inf, HF's `filter_value`, so the
+filtered logits can be compared with HF's processors.
 
-The knobs arrive as traced values (`Knobs`), so changing temperature/top-k/top-p, EOS ids or beam settings does
-not recompile; only whether top-k / top-p are on at all is static (it decides whether a sort is needed).
+The knobs arrive as traced values (`Knobs`), so changing temperature/top-k/top-p/min-p/the penalty, EOS ids or
+beam settings does not recompile; only whether top-k / top-p / min-p / the penalty are on at all is static (a sort,
+or a [rows, vocab] mask of the tokens seen, is paid for only when needed).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class Knobs:
     temperature: jax.Array  # [] f32, > 0 (greedy does not read it)
     top_k: jax.Array  # [] i32; ignored unless the strategy has use_top_k
     top_p_threshold: jax.Array  # [] f32 = 1 - top_p (computed in float64 on the host, as HF's Python float)
+    min_p: jax.Array  # [] f32; ignored unless the strategy has use_min_p
+    repetition_penalty: jax.Array  # [] f32; ignored unless the strategy has use_penalty
     seed: jax.Array  # [] u32
     eos_ids: jax.Array  # [Strategy.n_eos] i32 (static length); -1 pads "no EOS"
     pad_id: jax.Array  # [] i32, emitted by finished rows
@@ -47,6 +52,8 @@ def make_knobs(gen, n_bucket: int) -> Knobs:
         temperature=np.float32(gen.temperature if gen.temperature > 0 else 1.0),
         top_k=np.int32(gen.top_k),
         top_p_threshold=np.float32(1.0 - float(gen.top_p)),
+        min_p=np.float32(gen.min_p),
+        repetition_penalty=np.float32(gen.repetition_penalty),
         seed=np.uint32(gen.seed % 2**32),
         # No EOS is an id that never occurs (-1), so "no EOS" shares the executable of one EOS id.
         eos_ids=np.asarray(tuple(gen.eos_ids) or (-1,), np.int32),
@@ -66,10 +73,42 @@ def suppress_eos(scores_BxV: jax.Array, eos_ids: jax.Array, active: jax.Array) -
     return jnp.where(active & is_eos_V, NEG_INF, scores_BxV)
 
 
-def warp(logits_BxV: jax.Array, knobs: Knobs, use_top_k: bool, use_top_p: bool) -> jax.Array:
-    """Temperature, then top-k, then top-p (HF's TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-    with min_tokens_to_keep=1). Returns logits in vocab order with removed ids at -inf."""
-    scores_BxV = logits_BxV / knobs.temperature
+def penalize(scores_BxV: jax.Array, seen_BxV: jax.Array, penalty: jax.Array) -> jax.Array:
+    """HF's RepetitionPenaltyLogitsProcessor: the scores of ids already in the row (prompt or generated) are divided
+    by `penalty` where positive and multiplied by it where negative, so a penalty > 1 always makes them less likely."""
+    penalized_BxV = jnp.where(scores_BxV < 0, scores_BxV * penalty, scores_BxV / penalty)
+    return jnp.where(seen_BxV, penalized_BxV, scores_BxV)
+
+
+def seen_in_prompts(tokens_BxP: jax.Array, mask_BxP: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, vocab] bool: the ids in each left-padded prompt (padding excluded, as HF excludes it since v5)."""
+    B = tokens_BxP.shape[0]
+    ids_BxP = jnp.where(mask_BxP, tokens_BxP, vocab_size)  # out of range: dropped
+    return jnp.zeros((B, vocab_size), bool).at[jnp.arange(B)[:, None], ids_BxP].set(True, mode="drop")
+
+
+def mark_seen(seen_BxV: jax.Array, token_B: jax.Array) -> jax.Array:
+    """The seen-ids mask with each row's new token added."""
+    return seen_BxV.at[jnp.arange(seen_BxV.shape[0]), token_B].set(True)
+
+
+def warp(logits_BxV: jax.Array, knobs: Knobs, use_top_k: bool, use_top_p: bool, use_min_p: bool = False) -> jax.Array:
+    """Temperature, then top-k, then top-p, then min-p (HF's TemperatureLogitsWarper, TopKLogitsWarper,
+    TopPLogitsWarper, MinPLogitsWarper with min_tokens_to_keep=1). Returns logits in vocab order with removed ids
+    at -inf."""
+    scores_BxV = _top_k_top_p(logits_BxV / knobs.temperature, knobs, use_top_k, use_top_p)
+    return min_p_filter(scores_BxV, knobs.min_p) if use_min_p else scores_BxV
+
+
+def min_p_filter(scores_BxV: jax.Array, min_p: jax.Array) -> jax.Array:
+    """HF's MinPLogitsWarper: removes ids whose probability is below min_p times the most likely id's (which, with
+    min_p <= 1, always stays)."""
+    probs_BxV = jax.nn.softmax(scores_BxV, axis=-1)
+    remove_BxV = probs_BxV < min_p * jnp.max(probs_BxV, axis=-1, keepdims=True)
+    return jnp.where(remove_BxV, NEG_INF, scores_BxV)
+
+
+def _top_k_top_p(scores_BxV: jax.Array, knobs: Knobs, use_top_k: bool, use_top_p: bool) -> jax.Array:
     if not (use_top_k or use_top_p):
         return scores_BxV
     B, V = scores_BxV.shape

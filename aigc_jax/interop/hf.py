@@ -356,7 +356,7 @@ def _save_llama_tokenizer(path: str, tokenizer: tok.Tokenizer, max_length: int) 
     })
     eos = list(tokenizer.eos_ids)
     _write_json(os.path.join(path, "generation_config.json"), {
-        "bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0], **tokenizer.generation,
     })
     written = {tok.FILE, "tokenizer_config.json", "generation_config.json"}
     return written | ({"chat_template.jinja"} if tokenizer.chat_template is not None else set())

@@ -67,12 +67,24 @@ def register(sub) -> None:
     _add_distributed_args(p)
     p.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a workdir's latest checkpoint (JSON)")
-    e.add_argument("--workdir", required=True)
-    e.add_argument("--split", default="validation", help="validation (default) or train")
-    e.add_argument("--data", default=None, help="data source (default: the one the run was trained on)")
+    e = sub.add_parser(
+        "eval", help="loss, perplexity and bits per byte (JSON) of any model on a text, or of a training workdir",
+        description="--model SRC --data TEXT: any model (HF dir, aigc_jax model dir, training workdir) on the whole "
+        "of a text, tokenized with the model's own tokenizer (each document followed by end-of-text, no BOS), in "
+        "non-overlapping windows of the model's context (--seq-len), every token but the first predicted once; "
+        "the tokens after the last whole window are scored in one more window ending at the text's end. "
+        "--workdir DIR: a training run's latest checkpoint on its validation (or train) split.")
+    e.add_argument("--model", metavar="SRC", help="model dir, training workdir or HF GPT-2/Llama/Qwen2/Mistral dir")
+    e.add_argument("--workdir", help="a training workdir, evaluated on its own data splits")
+    e.add_argument("--split", default=None, help="--workdir: validation (default) or train")
+    e.add_argument("--data", default=None, metavar="SRC",
+                   help="--model: default (Python stdlib sources + pydoc topics) | a text file, directory or glob "
+                   "(default: default); --workdir: data source (default: the one the run was trained on)")
     e.add_argument("--data-dir", default=None)
-    e.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's micro-batch)")
+    e.add_argument("--seq-len", type=int, default=0, help="--model: window length (default: the model's context)")
+    e.add_argument("--no-progress", action="store_true", help="--model: no progress bar or progress lines")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: --model 8; --workdir the run's micro-batch)")
     e.add_argument("--max-batches", type=int, default=0,
                    help="estimate from N batches drawn across the split with a fixed seed (0 = a complete pass)")
     e.add_argument("--parallel", default=None, choices=["auto", "pmap", "shard_map", "mesh"])
@@ -203,9 +215,28 @@ def _eval(args) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if (args.model is None) == (args.workdir is None):
+        raise UserError("eval needs --model SRC (any model, on --data TEXT) or --workdir DIR (a training run), "
+                        "not both")
+    if args.model is not None:
+        return _eval_model(args)
+    args.split = args.split or "validation"
     if args.max_batches < 0:
         raise UserError(f"--max-batches must be >= 0 (0 = a complete pass), got {args.max_batches}")
     out = loop.evaluate_workdir(args.workdir, args.split, args.data, args.data_dir, args.batch_size,
                                 args.max_batches, args.parallel, args.mesh)
+    print(json.dumps(out))
+    return 0
+
+
+def _eval_model(args) -> int:
+    from aigc_jax.train import perplexity
+
+    ignored = [flag for flag, given in (("--split", args.split), ("--max-batches", args.max_batches)) if given]
+    if ignored:
+        raise UserError(f"{ignored[0]} applies to --workdir evaluation; --model evaluates the whole --data text")
+    out = perplexity.evaluate_text(args.model, args.data or "default", args.data_dir, args.seq_len,
+                                   args.batch_size or 0, args.parallel or "auto", args.mesh or "",
+                                   progress=not args.no_progress)
     print(json.dumps(out))
     return 0
