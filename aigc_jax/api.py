@@ -61,6 +61,10 @@ class LM:
             raise UserError("this model has no tokenizer (no tokenizer.json/vocab.json beside it); use token ids")
         return self.prompts
 
+    def use_chat_template(self, template: str) -> None:
+        """Renders chats with `template` (Jinja, as HF's chat templates) instead of the model's own."""
+        self.prompts = Prompter(self._prompts().tokenizer, chat_template=template)
+
     def encode(self, text: str) -> list[int]:
         """A prompt's ids as HF's `tokenizer(text)` gives them (with the BOS a Llama tokenizer adds)."""
         return self._prompts().encode(text)

@@ -297,10 +297,20 @@ def test_train_init_from_hf_llama_dir_and_export(chat_model, tmp_path):
     proc = run_cli("train", "--init-from", directory, "--data", text, "--data-dir", tmp_path / "data", "--workdir",
                    tmp_path / "run", "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
                    "--warmup-steps", "0", "--eval-every", "0", "--no-progress", "--log-every", "1",
-                   "--set", "remat=full")
+                   "--set", "remat=full", "--sample-every", "12")
     assert proc.returncode == 0, proc.stderr
-    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"train"' in line]
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert losses[-1] < losses[0], losses
+    # The samples logged at the end are what `generate` gives the trained model for an empty prompt (its BOS),
+    # with the same knobs and seed, decoded the same way.
+    samples = [r for r in records if r["kind"] == "sample"]
+    assert len(samples) == 2
+    lm = api.load(str(tmp_path / "run"))
+    assert lm.encode("") == [t.bos_token_id]
+    for r in samples:
+        assert r["text"] == lm.generate("", max_new_tokens=112, temperature=0.8, top_k=40,
+                                        seed=12 + r["index"])
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["model"]["family"] == "llama" and run["model"]["n_kv_head"] == 2
     # Runtime keys: the one set (remat), the source's for the rest (no dropout, not the default preset's 0.2).

@@ -135,7 +135,7 @@ def test_chat_equals_apply_chat_template_and_generate(families, lms, name):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
 
 
-def test_generate_chat_cli_keeps_the_leading_space(families):
+def test_generate_chat_cli_keeps_the_leading_space_and_takes_a_template_file(families, tmp_path):
     directory, m, t, eos, end, server, client = families["mistral"]
     proc = run_cli("generate", "--model", directory, "--user", CHAT[0]["content"], "--max-new-tokens",
                    str(MAX_TOKENS), "--temperature", "0", "--json")
@@ -144,6 +144,15 @@ def test_generate_chat_cli_keeps_the_leading_space(families):
     ids = list(t.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
     assert row["token_ids"] == _hf_greedy(m, ids, eos)
     assert row["text"] == _oracle_text(t, ids, row["token_ids"], eos)
+    # Another template from a file, as `serve --chat-template`: the prompt apply_chat_template renders with it.
+    template = "{{ bos_token }}{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}<<assistant>>"
+    (tmp_path / "chat.jinja").write_text(template)
+    proc = run_cli("generate", "--model", directory, "--user", CHAT[0]["content"], "--chat-template",
+                   tmp_path / "chat.jinja", "--max-new-tokens", "4", "--temperature", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    ids = list(t.apply_chat_template(CHAT, chat_template=template, add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"])
+    assert json.loads(proc.stdout)["token_ids"] == _hf_greedy(m, ids, eos, 4)
 
 
 def test_tools_render_as_transformers_renders_them(families):

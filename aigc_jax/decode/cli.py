@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F", help="a UTF-8 file with one prompt per line (blank lines skipped)")
     chat = p.add_argument_group("chat (the model's chat template, rendered as HF's apply_chat_template)")
+    chat.add_argument("--chat-template", metavar="FILE",
+                      help="a Jinja chat template to use instead of the model's own (as `serve --chat-template`)")
     chat.add_argument("--chat", action="store_true", help="generate the assistant's reply to a conversation given "
                       "by --messages or --system/--user/--assistant (prints the reply only)")
     chat.add_argument("--messages", metavar="F", help='JSON lines, one {"role": ..., "content": ...} per line '
@@ -145,9 +147,13 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from aigc_jax import api, configs
+    from aigc_jax import chat as chat_templates
 
     messages = _conversation(args)
     prompts = _prompts(args) if messages is None else [""]
+    if args.chat_template and messages is None:
+        raise UserError("--chat-template applies to --chat: give the conversation with --user/--system or --messages")
+    template = chat_templates.read_template_file(args.chat_template) if args.chat_template else None
     _check_output_flags(args)
     knobs = _knobs(args)
     # Flag errors before the (slow) model load (assuming sampling where the model's defaults may decide it);
@@ -159,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
                   random_init=args.random_init)
     if lm.tokenizer is None:
         raise UserError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt) to encode text")
+    if template is not None:
+        lm.use_chat_template(template)
     if "max_new_tokens" not in knobs and "max_new_tokens" not in lm.generation_defaults:
         knobs["max_new_tokens"] = CLI_MAX_NEW_TOKENS
     if args.no_eos:

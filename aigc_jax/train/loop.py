@@ -37,6 +37,7 @@ from aigc_jax import tokenizers as tok
 from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.errors import UserError
 from aigc_jax.model import flops_per_token, init_params
+from aigc_jax.prompts import Prompter
 from aigc_jax.train import optimizer as optim
 from aigc_jax.train import progress
 from aigc_jax.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -360,6 +361,7 @@ def train(run: Run, log=print) -> dict:
     evaluate = functools.partial(_evaluate, run=run, max_batches=cfg.eval_batches)
     batch = place(start) if start < cfg.steps else None
     if batch is not None:
+        log("compiling the train step (seconds to minutes, once per shape; the compile cache keeps it)")
         _log_memory_plan(step_fn, state, batch, abstract, layout, log)
     writer = MetricsWriter(run.workdir, primary, cfg.wandb_project, cfg.wandb_mode, run.record)
     flops = flops_per_token(mcfg, cfg.seq_len)
@@ -519,15 +521,18 @@ def _eval_fn(model_config, layout: Layout, param_shardings):
 
 
 def _log_samples(run: Run, params, step: int, writer, log) -> None:
-    """A couple of sampled continuations of an end-of-text prompt, written to metrics.jsonl and the log."""
-    tokenizer = run.tokenizer
-    n_new = min(128, run.model_config.n_positions - 16)
+    """A couple of sampled continuations of an empty prompt, written to metrics.jsonl and the log. The prompt and
+    the text come from the prompt path `generate` uses: a Llama tokenizer's BOS (GPT-2, which has none, starts from
+    end-of-text), its EOS ids, the continuation decoded after the prompt."""
+    prompts = Prompter(run.tokenizer)
+    prompt = prompts.encode("") or [run.tokenizer.eot_id]
+    n_new = min(128, run.model_config.n_positions - len(prompt) - 15)
     generator = Generator(run.model_config, params)
     for i in range(2):
         gen = GenerationConfig(max_new_tokens=n_new, temperature=0.8, top_k=40, seed=step + i,
-                               eos_ids=(tokenizer.eot_id,))
-        (ids,) = generator.generate([[tokenizer.eot_id]], gen)
-        text = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eot_id else ids)
+                               eos_ids=prompts.stop_ids)
+        (ids,) = generator.generate([prompt], gen)
+        text = prompts.continuation(prompt, ids[:-1] if ids and ids[-1] in gen.eos_ids else ids)
         writer.write(step, "sample", {"index": i, "text": text})
         log(f"--- sample {i} at step {step} ---\n{text}")
 
