@@ -9,7 +9,6 @@ wrong API key (401); a full queue is a 429 with Retry-After.
 from __future__ import annotations
 
 import hmac
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -18,28 +17,12 @@ from starlette.exceptions import HTTPException
 
 from aigc_jax.serve import schemas as S
 from aigc_jax.serve.handlers import ApiError, ChatCompletions, Completions
-from aigc_jax.serve.text import TokenText
+from aigc_jax.serve.server import Server
 
 
 def error_response(status: int, message: str, kind: str, param=None, code=None, headers=None) -> JSONResponse:
     body = S.ErrorResponse(error=S.ErrorDetail(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-class Server:
-    """What the handlers share: the engine, the prompt path (tokenizer and chat template: aigc_jax/prompts.py, the
-    same as offline generation's), the served model's name and the request limits."""
-
-    def __init__(self, engine, prompts, model_name: str, *, api_key: str | None = None,
-                 max_body_bytes: int = 4 << 20, max_n: int | None = None, aliases: tuple[str, ...] = ()):
-        self.engine, self.prompts, self.tokenizer, self.model_name = engine, prompts, prompts.tokenizer, model_name
-        self.names = {model_name, *aliases}
-        self.api_key, self.max_body_bytes = api_key, max_body_bytes
-        self.max_n = max_n or engine.max_batch
-        self.token_text = TokenText(prompts.tokenizer)
-        self.eos = set(engine.eos_ids.tolist())
-        self.created = int(time.time())
-        self.open_requests = 0  # completions/chat requests between parsing and their last byte (or cancellation)
 
 
 def create_app(server: Server) -> FastAPI:

@@ -147,8 +147,9 @@ def _serve(args, sock, api, chat, overrides, template, api_key) -> int:
     import uvicorn
 
     from aigc_jax.prompts import Prompter
-    from aigc_jax.serve.app import Server, create_app
+    from aigc_jax.serve.app import create_app
     from aigc_jax.serve.engine import Engine
+    from aigc_jax.serve.server import Server
 
     lm = api.load(args.model, overrides=overrides, random_init=args.random_init)
     if lm.tokenizer is None:

@@ -14,20 +14,18 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from aigc_jax.errors import UserError
+from aigc_jax.prompts import TextStream
 from aigc_jax.serve import schemas as S
 from aigc_jax.serve.engine import (CANCELLED, LENGTH, STOP, EngineClosed, Finished, QueueFull, RequestError, Sampling,
                                    Scored, Sequence, Tokens)
-from aigc_jax.prompts import TextStream
 from aigc_jax.serve.programs import TOP_LOGPROBS
+from aigc_jax.serve.server import Server
 
-if TYPE_CHECKING:
-    from aigc_jax.serve.app import Server
 
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
