@@ -9,7 +9,7 @@
   activations between blocks are whole (one all-reduce after each block's row-parallel projection). It stays
   inside a host.
 
-Every parameter leaf has logical axes, declared by its family (`PARAM_AXES` in aigc_jax/models/*.py: one regex
+Every parameter leaf has logical axes, declared by its family (`PARAM_AXES` in aigc_jax/models/<family>/model.py: one regex
 per leaf over its "/"-joined path); a table maps logical axes to mesh axes: `TRAIN_RULES` (FSDP + tensor) for
 training, `DECODE_RULES` (tensor only: decoding reads every weight once per token, so gathering them per step
 would be all cost) for generation. A dimension that does not divide its mesh axes is replicated, with a
