@@ -19,13 +19,13 @@ from aigc_jax.models.base import (ATTENTION_BACKENDS, COMPUTE_DTYPES, DTYPES, RE
 from aigc_jax.models.gpt2 import ModelConfig
 from aigc_jax.models.llama import LlamaConfig
 
-__all__ = ["ATTENTION_BACKENDS", "COMPUTE_DTYPES", "DTYPES", "PRESETS", "REMAT_POLICIES", "RUNTIME_KEYS", "BaseConfig",
-           "LlamaConfig", "ModelConfig", "add_model_args", "compute_dtype", "config_from_dict", "from_dict",
-           "get_preset", "load_file", "model_config", "model_keys", "model_section", "parse_assignments",
-           "preset_is_not_weights", "resolve_dtype", "with_overrides"]
+__all__ = ["ATTENTION_BACKENDS", "COMPUTE_DTYPES", "DTYPES", "FIRST_FAMILY", "PRESETS", "REMAT_POLICIES",
+           "RUNTIME_KEYS", "BaseConfig", "LlamaConfig", "ModelConfig", "add_model_args", "compute_dtype",
+           "config_from_dict", "from_dict", "get_preset", "load_file", "model_config", "model_keys", "model_section",
+           "parse_assignments", "preset_is_not_weights", "resolve_dtype", "with_overrides"]
 
 # model.json files written before there were families have no "family" key: they are GPT-2's.
-_FIRST_FAMILY = "gpt2"
+FIRST_FAMILY = "gpt2"
 
 
 def config_from_dict(data: dict, prefix: str = "model."):
@@ -33,7 +33,7 @@ def config_from_dict(data: dict, prefix: str = "model."):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.')} must be a mapping, got {type(data).__name__}")
     data = dict(data)
-    return from_dict(registry.get(data.pop("family", _FIRST_FAMILY)).config_class, data, prefix)
+    return from_dict(registry.get(data.pop("family", FIRST_FAMILY)).config_class, data, prefix)
 
 
 PRESETS: dict[str, Any] = {name: c for family in registry.families() for name, c in family.presets.items()}

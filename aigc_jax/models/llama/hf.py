@@ -20,7 +20,6 @@ import re
 import numpy as np
 
 from aigc_jax import fileio
-from aigc_jax import tokenizers as tok
 from aigc_jax.dictconfig import from_dict
 from aigc_jax.errors import UserError
 from aigc_jax.models.llama.config import LlamaConfig
@@ -271,7 +270,7 @@ def missing_hint(config: LlamaConfig) -> str:
 def save_tokenizer(path: str, tokenizer, max_length: int) -> set[str]:
     """tokenizer.json verbatim (PreTrainedTokenizerFast takes its whole pipeline from it), the special tokens,
     generation_config.json's BOS/EOS ids and the chat template."""
-    tokenizer.save(path)
+    written = {os.path.basename(tokenizer.save(path)), "tokenizer_config.json", "generation_config.json"}
     fileio.atomic_write_json(os.path.join(path, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens, "model_max_length": max_length,
     })
@@ -279,5 +278,4 @@ def save_tokenizer(path: str, tokenizer, max_length: int) -> set[str]:
     fileio.atomic_write_json(os.path.join(path, "generation_config.json"), {
         "bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0], **tokenizer.generation,
     })
-    written = {tok.FILE, "tokenizer_config.json", "generation_config.json"}
     return written | ({"chat_template.jinja"} if tokenizer.chat_template is not None else set())
