@@ -1,9 +1,7 @@
 """Family-independent entry points over the decoders in aigc_jax/models/: init, forward, layer layouts, sizes.
 
-Every family module provides a Flax `Decoder(config)` with the call
-`(tokens_BxT, positions_BxT=None, cache=None, mask_BxT=None, train=False) -> (fp32 logits [B, T, V_padded], cache)`,
-`LAYER_PREFIX` (the name of its layer stack) and `lookup_params(config)` (parameters used by lookup rather than
-matmul, for FLOPs). The config's `family` picks the module.
+Each family's record in aigc_jax/models/registry.py names its decoder, layer stack and lookup-only parameters; the
+config picks the record.
 """
 
 from __future__ import annotations
@@ -13,29 +11,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from aigc_jax.models import gpt2, llama
+from aigc_jax.models import registry
 from aigc_jax.models.cache import KVCache, attention_mask
+from aigc_jax.models.gpt2 import Decoder  # the GPT-2 decoder, the public name from before families existed
 from aigc_jax.models.layers import mask_padded_vocab
 
 Params = Any  # a nested dict of arrays
 
-FAMILIES = {"gpt2": gpt2, "llama": llama}
-
 __all__ = ["KVCache", "attention_mask", "mask_padded_vocab", "Decoder", "family", "init_params", "forward",
            "stack_layers", "unstack_layers", "match_layout", "count_params", "param_count", "flops_per_token"]
 
-Decoder = gpt2.Decoder  # the GPT-2 decoder, as before families existed
-
-
-def family(config):
-    """The module implementing `config`'s family."""
-    return FAMILIES[config.family]
+def family(config) -> registry.Family:
+    """`config`'s family record."""
+    return registry.for_config(config)
 
 
 def init_params(config, rng: jax.Array) -> Params:
     """The family's initialisation (GPT-2: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), zero biases)."""
     tokens = jnp.zeros((1, min(8, config.n_positions)), jnp.int32)
-    return family(config).Decoder(config).init({"params": rng}, tokens)["params"]
+    return family(config).decoder(config).init({"params": rng}, tokens)["params"]
 
 
 def forward(
@@ -54,12 +48,12 @@ def forward(
     Dropout (train=True) draws row b's masks from (dropout_rng, dropout_rows[b]): pass each row's place in the
     global batch and every batch layout draws the same masks (default: 0..B-1)."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    return family(config).Decoder(config).apply(
+    return family(config).decoder(config).apply(
         {"params": params}, tokens_BxT, positions_BxT, cache, mask_BxT, train, dropout_rows, rngs=rngs
     )
 
 
-def stack_layers(params: Params, n_layer: int, prefix: str = gpt2.LAYER_PREFIX) -> Params:
+def stack_layers(params: Params, n_layer: int, prefix: str) -> Params:
     """Unrolled layout ({"h_0": …, "h_1": …}) -> scanned layout ({"h": leaves with a leading layer axis})."""
     params = dict(params)
     layers = [params.pop(f"{prefix}_{i}") for i in range(n_layer)]
@@ -67,7 +61,7 @@ def stack_layers(params: Params, n_layer: int, prefix: str = gpt2.LAYER_PREFIX) 
     return params
 
 
-def unstack_layers(params: Params, prefix: str = gpt2.LAYER_PREFIX) -> Params:
+def unstack_layers(params: Params, prefix: str) -> Params:
     """Scanned layout -> unrolled layout."""
     params = dict(params)
     stacked = params.pop(prefix)
@@ -79,7 +73,7 @@ def unstack_layers(params: Params, prefix: str = gpt2.LAYER_PREFIX) -> Params:
 
 def match_layout(params: Params, config) -> Params:
     """Returns params in the layout `config.scan_layers` asks for, whichever layout they arrive in."""
-    prefix = family(config).LAYER_PREFIX
+    prefix = family(config).layer_prefix
     scanned = prefix in params
     if config.scan_layers and not scanned:
         return stack_layers(params, config.n_layer, prefix)

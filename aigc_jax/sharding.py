@@ -9,13 +9,13 @@
   activations between blocks are whole (one all-reduce after each block's row-parallel projection). It stays
   inside a host.
 
-Every parameter leaf has logical axes, declared by its family (`PARAM_AXES` in aigc_jax/models/*.py: one regex
-per leaf over its "/"-joined path); a table maps logical axes to mesh axes: `TRAIN_RULES` (FSDP + tensor) for
-training, `DECODE_RULES` (tensor only: decoding reads every weight once per token, so gathering them per step
-would be all cost) for generation. A dimension that does not divide its mesh axes is replicated, with a
-warning; a leaf no rule matches is an error. Optimizer state follows its parameter. Models call `constrain(x,
-logical_axes)` at block boundaries; it applies the active rules (set while a step is traced, `use_rules`) and is
-a no-op otherwise, so the same model code runs unsharded, under pmap/shard_map, and on any mesh.
+Every parameter leaf has logical axes, declared by its family (`param_axes` of its record in
+aigc_jax/models/registry.py: one regex per leaf over its "/"-joined path); a table maps logical axes to mesh axes:
+`TRAIN_RULES` (FSDP + tensor) for training, `DECODE_RULES` (tensor only: decoding reads every weight once per token,
+so gathering them per step would be all cost) for generation. A dimension that does not divide its mesh axes is
+replicated, with a warning; a leaf no rule matches is an error. Optimizer state follows its parameter. Models call
+`constrain(x, logical_axes)` at block boundaries; it applies the active rules (set while a step is traced,
+`use_rules`) and is a no-op otherwise, so the same model code runs unsharded, under pmap/shard_map, and on any mesh.
 """
 
 from __future__ import annotations

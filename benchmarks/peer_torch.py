@@ -43,7 +43,7 @@ def build(cfg, dev: str, seed: int = 0):
 
     torch = _torch()
     if cfg.family == "llama":
-        from aigc_jax.interop import hf_llama
+        from aigc_jax.models.llama import hf as hf_llama
 
         hf_config = transformers.AutoConfig.for_model(**{**hf_llama.config_to_hf(cfg, None, (), "float32"),
                                                          "pad_token_id": 0})

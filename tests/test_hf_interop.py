@@ -20,6 +20,7 @@ from aigc_jax import configs, model
 from aigc_jax import tokenizers as tok
 from aigc_jax.errors import UserError
 from aigc_jax.interop import hf
+from aigc_jax.models import gpt2
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -113,7 +114,7 @@ def test_config_mapping_of_transformers_defaults():
     mixed = hf.config_from_hf({"model_type": "gpt2", "embd_pdrop": 0.3, "resid_pdrop": 0.2, "attn_pdrop": 0.05})
     assert (mixed.dropout, mixed.attn_dropout) == (0.2, 0.05)
     assert hf.config_from_hf({"model_type": "gpt2", "activation_function": "swish"}).activation == "silu"
-    exported = hf.config_to_hf(full, eot_id=50256)
+    exported = gpt2.hf.config_to_hf(full, eot_id=50256)
     assert hf.config_from_hf(exported) == full
     for key, value in transformers.GPT2Config(**exported).to_dict().items():
         if key in exported and key != "torch_dtype":

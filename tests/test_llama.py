@@ -244,7 +244,7 @@ def test_shape_presets_count_as_transformers(name):
     transformers = transformers_or_skip()
     config = configs.get_preset(name)
     assert model.param_count(config) == PUBLISHED[name]
-    hf_config = transformers.AutoConfig.for_model(**hf.hf_llama.config_to_hf(config, None, (), "float32"))
+    hf_config = transformers.AutoConfig.for_model(**llama.hf.config_to_hf(config, None, (), "float32"))
     with torch.device("meta"):  # shapes only
         m = transformers.AutoModelForCausalLM.from_config(hf_config)
     assert sum(p.numel() for p in m.parameters()) == PUBLISHED[name]

@@ -60,7 +60,7 @@ def row_split(mesh: Mesh) -> int:
 def param_shardings(config, params, mesh: Mesh):
     """NamedShardings of every parameter (arrays or shapes, in decoding's layout) under DECODE_RULES."""
     fam = model.family(config)
-    return sharding.named(mesh, sharding.param_specs(params, fam.PARAM_AXES, fam.LAYER_PREFIX, RULES, mesh))
+    return sharding.named(mesh, sharding.param_specs(params, fam.param_axes, fam.layer_prefix, RULES, mesh))
 
 
 def _named(mesh: Mesh, logical) -> NamedSharding:

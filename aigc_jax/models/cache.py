@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from aigc_jax.configs import compute_dtype
+from aigc_jax.models.base import compute_dtype
 from aigc_jax.sharding import constrain
 
 # Logical axes of the cache's arrays (sharding.py maps them to mesh axes): rows over the batch axes, keys and values

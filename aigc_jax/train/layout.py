@@ -56,7 +56,7 @@ class Layout:
         if self.mode != "mesh":
             return jax.tree.map(lambda _: sharding.replicated(self.mesh), abstract_params)
         family = model.family(model_config)
-        specs = sharding.param_specs(abstract_params, family.PARAM_AXES, family.LAYER_PREFIX, sharding.TRAIN_RULES,
+        specs = sharding.param_specs(abstract_params, family.param_axes, family.layer_prefix, sharding.TRAIN_RULES,
                                      self.mesh)
         return sharding.named(self.mesh, specs)
 

@@ -308,7 +308,7 @@ def _model_dict(recorded: dict) -> dict:
     try:
         return configs.config_from_dict(recorded).to_dict()
     except UserError:  # not a config this version can build: compare it as written
-        return {"family": "gpt2", **recorded}
+        return {"family": configs.FIRST_FAMILY, **recorded}
 
 
 def _as_json(value):

@@ -1,4 +1,5 @@
-"""HF transformers LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM <-> aigc_jax's Llama family.
+"""HF transformers LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM <-> aigc_jax's Llama family: config,
+weight names and layouts, tokenizer files.
 
 The name map: our `layers_3/self_attn/q_proj/kernel` is HF's `model.layers.3.self_attn.q_proj.weight`, `scale` is
 an RMSNorm's `weight`, `lm_head/kernel` is `lm_head.weight`. HF's nn.Linear weights are [out, in]: they are
@@ -13,13 +14,15 @@ model type has its transformers 5.24 defaults. Settings aigc_jax does not implem
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
 
-from aigc_jax import configs
-from aigc_jax.configs import LlamaConfig
+from aigc_jax import fileio
+from aigc_jax.dictconfig import from_dict
 from aigc_jax.errors import UserError
+from aigc_jax.models.llama.config import LlamaConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -74,7 +77,7 @@ def config_from_hf(d: dict) -> LlamaConfig:
         **_rope_from_hf(c),
         **_biases_and_windows(model_type, c),
     }
-    return configs.from_dict(LlamaConfig, out, "config.json: ")
+    return from_dict(LlamaConfig, out, "config.json: ")
 
 
 def _rope_from_hf(c: dict) -> dict:
@@ -162,6 +165,15 @@ def config_to_hf(config: LlamaConfig, bos_id: int | None, eos_ids: tuple[int, ..
     return out
 
 
+def export_config(config: LlamaConfig, tokenizer, dtype: str) -> dict:
+    bos, eos = (tokenizer.bos_id, tokenizer.eos_ids) if tokenizer is not None else (None, ())
+    return config_to_hf(config, bos, eos, dtype)
+
+
+def architecture(config: LlamaConfig) -> str:
+    return ARCHITECTURES[config.hf_model_type]
+
+
 def _check_exportable(config: LlamaConfig) -> None:
     """What config.hf_model_type's HF class cannot represent, by name."""
     kind, sliding = config.hf_model_type, {w is not None for w in config.windows}
@@ -196,9 +208,9 @@ def _in_dims(path: tuple[str, ...]) -> int:
     return 2 if path[-2] == "o_proj" else 1
 
 
-def from_hf(path: tuple[str, ...], w: np.ndarray, shape: tuple[int, ...], vocab_size: int) -> np.ndarray:
+def from_hf(path: tuple[str, ...], w: np.ndarray, shape: tuple[int, ...], config: LlamaConfig) -> np.ndarray:
     """One HF tensor in our layout `shape` (a UserError naming it if its size does not fit)."""
-    name, leaf = hf_name(path), path[-1]
+    name, leaf, vocab_size = hf_name(path), path[-1], config.vocab_size
     if path == ("embed_tokens", "embedding") or path == ("lm_head", "kernel"):
         want = (vocab_size, shape[1] if leaf == "embedding" else shape[0])
         if w.shape != want:
@@ -217,7 +229,11 @@ def from_hf(path: tuple[str, ...], w: np.ndarray, shape: tuple[int, ...], vocab_
     return w.reshape(shape)
 
 
-def to_hf(path: tuple[str, ...], w: np.ndarray, vocab_size: int) -> np.ndarray:
+def to_hf_state(flat: dict, config: LlamaConfig) -> dict[str, np.ndarray]:
+    return {hf_name(path): _to_hf(path, np.asarray(w), config.vocab_size) for path, w in flat.items()}
+
+
+def _to_hf(path: tuple[str, ...], w: np.ndarray, vocab_size: int) -> np.ndarray:
     if path == ("embed_tokens", "embedding"):
         return w[:vocab_size]
     if path == ("lm_head", "kernel"):
@@ -241,3 +257,25 @@ def untie(state: dict, config: LlamaConfig) -> dict:
 
 def ignored(name: str) -> bool:
     return bool(_IGNORED_KEY.search(name))
+
+
+def missing_hint(config: LlamaConfig) -> str:
+    return f"n_layer={config.n_layer}, tie_word_embeddings={str(config.tie_word_embeddings).lower()}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def save_tokenizer(path: str, tokenizer, max_length: int) -> set[str]:
+    """tokenizer.json verbatim (PreTrainedTokenizerFast takes its whole pipeline from it), the special tokens,
+    generation_config.json's BOS/EOS ids and the chat template."""
+    written = {os.path.basename(tokenizer.save(path)), "tokenizer_config.json", "generation_config.json"}
+    fileio.atomic_write_json(os.path.join(path, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens, "model_max_length": max_length,
+    })
+    eos = list(tokenizer.eos_ids)
+    fileio.atomic_write_json(os.path.join(path, "generation_config.json"), {
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0], **tokenizer.generation,
+    })
+    return written | ({"chat_template.jinja"} if tokenizer.chat_template is not None else set())

@@ -2,7 +2,7 @@
 
     tokens ─▶ embed ─▶ [ x + attn(rmsnorm(x)) ; x + swiglu(rmsnorm(x)) ] × n_layer ─▶ rmsnorm ─▶ lm_head ─▶ logits
 
-What changes against GPT-2 (models/gpt2.py), and nothing else:
+What changes against GPT-2 (models/gpt2/model.py), and nothing else:
 - no position table: RoPE rotates q and k by their positions (HF's `rotate_half` layout, so HF weights load
   unpermuted), with `rope_theta` and linear / llama3 frequency scaling;
 - RMSNorm instead of LayerNorm, in HF's order: normalise in fp32, cast to the compute dtype, then scale;
@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from aigc_jax.attention import attention, resolve_backend
-from aigc_jax.configs import LlamaConfig, compute_dtype
 from aigc_jax.models import layers
+from aigc_jax.models.base import compute_dtype
+from aigc_jax.models.llama.config import LlamaConfig
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
 from aigc_jax.sharding import constrain, gathered
 
@@ -186,7 +187,7 @@ class LMHead(nn.Module):
 class Decoder(nn.Module):
     """The Llama-family language model: (fp32 logits over the padded vocab, updated cache or None).
 
-    Same call as models/gpt2.Decoder: positions default to cache.index + 0..T-1 (left-padded batches pass
+    Same call as models/gpt2/model.Decoder: positions default to cache.index + 0..T-1 (left-padded batches pass
     cumsum(mask) - 1); mask_BxT False marks padding; with a cache the T new keys/values are written at
     [index, index + T)."""
 

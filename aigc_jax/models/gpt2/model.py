@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from aigc_jax.attention import attention, resolve_backend
-from aigc_jax.configs import ModelConfig, compute_dtype
 from aigc_jax.models import layers
+from aigc_jax.models.base import compute_dtype
+from aigc_jax.models.gpt2.config import ModelConfig
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
 from aigc_jax.sharding import constrain, gathered
 
