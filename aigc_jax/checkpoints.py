@@ -1,7 +1,7 @@
 """The checkpoint format of a training workdir: orbax saves of the train state, and reading them back.
 
 Workdir layout:
-    run.json          the run's settings: a re-run must match it (see aigc_jax/train/loop.py); written last at start
+    run.json          the run's settings: a re-run must match it (see aigc_jax/train/prepare.py); written last at start
     model.json        the model config                          (aigc_jax/modeldir.py)
     tokenizer.json    the tokenizer
     checkpoints/<step>/{params, train_state, meta}   orbax, async, last K kept

@@ -221,7 +221,7 @@ def test_resume_reads_the_workdirs_tokenizer_and_checks_its_hash(corpus, tmp_pat
     run = loop.prepare(str(tmp_path / "w"), tiny, cfg, str(text), str(tmp_path / "d"), "char")
     loop.train(run, log=lambda *_: None)
     # A resume never re-derives the vocabulary from the corpus: it reads WORKDIR/tokenizer.json.
-    monkeypatch.setattr(loop, "_make_tokenizer", lambda *a: pytest.fail("tokenizer re-derived on resume"))
+    monkeypatch.setattr("aigc_jax.train.prepare._make_tokenizer", lambda *a: pytest.fail("tokenizer re-derived on resume"))
     again = loop.prepare(str(tmp_path / "w"), tiny, cfg.__class__(**{**cfg.to_dict(), "steps": 3}), str(text),
                          str(tmp_path / "d"), "char")
     assert again.resume_step == 2 and again.tokenizer.vocab_size == run.tokenizer.vocab_size

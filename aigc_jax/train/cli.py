@@ -211,7 +211,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from aigc_jax.train import loop
+    from aigc_jax.train import evaluate
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -223,8 +223,8 @@ def _eval(args) -> int:
     args.split = args.split or "validation"
     if args.max_batches < 0:
         raise UserError(f"--max-batches must be >= 0 (0 = a complete pass), got {args.max_batches}")
-    out = loop.evaluate_workdir(args.workdir, args.split, args.data, args.data_dir, args.batch_size,
-                                args.max_batches, args.parallel, args.mesh)
+    out = evaluate.evaluate_workdir(args.workdir, args.split, args.data, args.data_dir, args.batch_size,
+                                    args.max_batches, args.parallel, args.mesh)
     print(json.dumps(out))
     return 0
 
