@@ -4,7 +4,9 @@ Every `aigc-jax` command (and `aigc_jax.api.load`) turns it on before compiling 
 written to `$AIGC_COMPILE_CACHE` (default `~/.cache/aigc_jax/jax-cache`, under $XDG_CACHE_HOME if set) and a
 later process with the same program, JAX version and device reads them back instead of compiling (measured in
 benchmarks/RESULTS.md, "compile cache"). `AIGC_COMPILE_CACHE=0` (or `--no-compile-cache`) turns it off; a cache
-directory the user configured in JAX already (`jax_compilation_cache_dir`) is left alone.
+directory the user configured in JAX already (`jax_compilation_cache_dir`) is left alone. Programs that compile
+in under 0.2 s are not written (reading them back is no faster); `AIGC_COMPILE_CACHE_MIN_SECONDS` changes that
+threshold (0: cache every program, which makes what a process writes independent of how busy the machine is).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 ENV = "AIGC_COMPILE_CACHE"
 OFF = ("0", "off", "false", "no", "none")
 MIN_COMPILE_SECONDS = 0.2  # smaller programs compile faster than the cache reads them back
+MIN_ENV = "AIGC_COMPILE_CACHE_MIN_SECONDS"
 _refused = False
 
 
@@ -46,5 +49,13 @@ def enable(disabled: bool = False) -> str | None:
     except OSError:  # a read-only home: run without the cache rather than fail
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", _min_seconds())
     return path
+
+
+def _min_seconds() -> float:
+    value = os.environ.get(MIN_ENV, "").strip()
+    try:
+        return float(value) if value else MIN_COMPILE_SECONDS
+    except ValueError:
+        return MIN_COMPILE_SECONDS  # a malformed tuning knob must not stop a generate or a training run
