@@ -1,5 +1,6 @@
-"""Shared test helpers. Multi-device tests run in their own subprocess (see `run_script`), never here:
-forcing 8 host devices for the whole suite would slow every single-device test."""
+"""Shared test helpers. Multi-device tests run in their own subprocess (see `run_module`: the modules of
+tests/multidevice/), never here: forcing 8 host devices for the whole suite would slow every single-device test.
+Builders, constants and oracles shared by test modules live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ def run_script(code: str, devices: int = 1, timeout: float = 600, env: dict | No
                           env=full_env, cwd=cwd or ROOT)
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (out, proc.stderr) if with_stderr else out
+
+
+def run_module(name: str, *args, devices: int = 1, timeout: float = 600, env: dict | None = None, cwd=None,
+               with_stderr: bool = False):
+    """Runs `python -m multidevice.NAME ARGS…` (tests/multidevice/NAME.py) in a fresh process with `devices` fake CPU
+    devices; returns its stdout's last JSON line (and its stderr, with_stderr=True)."""
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_PLATFORMS": "cpu", **(env or {}), "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-m", f"multidevice.{name}", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"multidevice.{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return (out, proc.stderr) if with_stderr else out
 
