@@ -6,7 +6,8 @@ from aigc_jax.cli import main as cli_main
 
 
 def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
-    """`aigc-jax ARGS…` through the CLI's own `main`, without paying a fresh interpreter's start-up.
+    """`aigc-jax ARGS…` through the CLI's own `main`, without paying a fresh interpreter's start-up; unlike
+    conftest.cli_in_process, what was printed before the call (transformers' progress bars) is dropped first.
 
     Anything but a UserError would propagate here and fail the test; the subprocess tests (conftest.run_cli)
     cover the real entry point.

@@ -14,7 +14,7 @@ GPT2_NOISE = 0.1  # large enough that exact vs tanh GELU differ by > 1e-4 in the
 
 
 def torch_or_skip():
-    """torch and transformers for the HF-oracle tests only: the rest of this file needs neither."""
+    """torch and transformers, imported (or the test skipped) only when an HF oracle is built."""
     return pytest.importorskip("torch"), pytest.importorskip("transformers")
 
 
