@@ -1,5 +1,6 @@
-"""Shared test helpers. Multi-device tests run in their own subprocess (see `run_script`), never here:
-forcing 8 host devices for the whole suite would slow every single-device test."""
+"""Shared test helpers. Multi-device tests run in their own subprocess (see `run_module`: the modules of
+tests/multidevice/), never here: forcing 8 host devices for the whole suite would slow every single-device test.
+Builders, constants and oracles shared by test modules live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -15,16 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def run_script(code: str, devices: int = 1, timeout: float = 600, env: dict | None = None, cwd=None,
+def python_module(name: str, *args, env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of `python -m NAME ARGS…` for a module under tests/ (multidevice.*,
+    isolated.*): tests/ and the checkout are on its path."""
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return [sys.executable, "-m", name, *map(str, args)], {**os.environ, **(env or {}), "PYTHONPATH": path}
+
+
+def run_module(name: str, *args, devices: int = 1, timeout: float = 600, env: dict | None = None, cwd=None,
                with_stderr: bool = False):
-    """Runs Python `code` in a fresh process with `devices` fake CPU devices; returns its stdout's last JSON line
-    (and its stderr, with_stderr=True)."""
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                "JAX_PLATFORMS": "cpu", **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd or ROOT)
+    """Runs `python -m multidevice.NAME ARGS…` (tests/multidevice/NAME.py) in a fresh process with `devices` fake CPU
+    devices; returns its stdout's last JSON line (and its stderr, with_stderr=True)."""
+    argv, full_env = python_module(f"multidevice.{name}", *args, env={
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu", **(env or {})})
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd or ROOT)
     if proc.returncode != 0:
-        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise AssertionError(f"multidevice.{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return (out, proc.stderr) if with_stderr else out
 

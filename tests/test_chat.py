@@ -4,46 +4,7 @@ import pytest
 
 from aigc_jax import chat
 from aigc_jax.errors import UserError
-
-# Three template styles, written here in the manner of each family's published template.
-LLAMA3 = (
-    "{{- bos_token }}{% set date_string = strftime_now('%d %b %Y') %}"
-    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
-    "{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
-    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- 'Today Date: ' + date_string + '\\n\\n' }}"
-    "{{- system }}{{- '<|eot_id|>' }}"
-    "{% for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
-QWEN2 = (
-    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}"
-    "{{- 'You are a helpful assistant.' }}{%- endif %}"
-    "{{- '\\n\\n# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-    "{{- '\\n</tools><|im_end|>\\n' }}"
-    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}"
-    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-MISTRAL = (
-    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
-    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
-    "{{- bos_token }}{%- set ns = namespace(turn=0) %}"
-    "{%- for message in loop_messages %}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant') }}"
-    "{%- endif %}"
-    "{%- if message['role'] == 'user' %}{%- if loop.last and system_message is defined %}"
-    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
-    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}{%- set ns.turn = ns.turn + 1 %}"
-    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
-    "{%- endfor %}"
-)
+from helpers.text import LLAMA3, MISTRAL, QWEN2
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello there"}],

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import python_module
 
 from aigc_jax import data, tokenizers
 from aigc_jax.data import cache, corpus, sources
@@ -41,9 +42,8 @@ def text_of(tokens: np.ndarray) -> list[str]:
 
 
 def test_tfds_is_not_imported_by_the_package():
-    code = ("import sys; sys.modules['tensorflow_datasets'] = None; import aigc_jax, aigc_jax.data, numpy as np; "
-            "b = aigc_jax.data.Batches(np.arange(100), 8, 4, seed=0).batch(0); print(b['tokens'].shape)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    argv, env = python_module("isolated.batches_without_tfds")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(4, 9)"
 
@@ -77,11 +77,8 @@ def test_the_cache_is_read_without_tfds(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("hello world\n" * 50)
     ds = data.load(str(path), tokenizers.byte_level(), data_dir=tmp_path / "d")
-    code = (f"import sys; sys.modules['tensorflow_datasets'] = None\n"
-            f"from aigc_jax import data, tokenizers\n"
-            f"ds = data.load({str(path)!r}, tokenizers.byte_level(), data_dir={str(tmp_path / 'd')!r})\n"
-            f"print(ds.key, len(ds.train), data.Batches(ds.train, 8, 2).batch(0)['tokens'].shape)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    argv, env = python_module("isolated.cache_without_tfds", path, tmp_path / "d")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [ds.key, str(len(ds.train)), "(2,", "9)"]
 
@@ -176,10 +173,9 @@ def test_concurrent_processes_build_once_and_agree(tmp_path):
     # What several processes of one job do on first use of a shared data dir.
     path = tmp_path / "a.txt"
     path.write_text("some text\n" * 300)
-    code = ("import sys; from aigc_jax import data, tokenizers\n"
-            "d = data.load(sys.argv[1], tokenizers.byte_level(), data_dir=sys.argv[2]); print(d.key, int(d.train.sum()))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), str(tmp_path / "d")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    argv, env = python_module("isolated.load_data", path, tmp_path / "d")
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     assert len({out for out, _ in outs}) == 1

@@ -6,7 +6,9 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, run_script
+from conftest import assert_one_line_error, run_cli, run_module
+from helpers.cli import generate_error
+from helpers.hf_models import build_hf_gpt2, hf_generate, load_hf_model, save_random_hf_gpt2, torch_or_skip
 
 from aigc_jax import api, configs, model
 from aigc_jax import tokenizers as tok
@@ -16,53 +18,13 @@ from aigc_jax.decode import GenerationConfig, Generator, time_decode
 from aigc_jax.interop import hf as hf_interop
 
 
-def _torch():
-    """torch and transformers for the HF-oracle tests only: the rest of this file needs neither."""
-    return pytest.importorskip("torch"), pytest.importorskip("transformers")
-
 N = 20  # new tokens in the HF comparisons
 PROMPT_LENGTHS = (5, 11, 2, 8)
 
 
-def build_hf_gpt2(path, vocab_size, n_positions=64, seed=0):
-    """A tiny random GPT2LMHeadModel with every weight (LayerNorms and biases too) perturbed, saved to `path`.
-
-    The large init keeps next-token distributions far from uniform, so greedy/beam choices are not near-ties
-    that fp32 rounding could flip between implementations.
-    """
-    torch, transformers = _torch()
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
-                                  bos_token_id=0, eos_token_id=0, initializer_range=0.3)
-    m = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    m.save_pretrained(path)
-    return m
-
-
-def hf_generate(m, prompts, max_new_tokens, eos_ids, pad_id=None, **kwargs):
-    """HF's generate on a left-padded batch; generated ids padded to max_new_tokens with the pad id."""
-    torch, _ = _torch()
-    pad_id = eos_ids[0] if pad_id is None else pad_id
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    with torch.no_grad():
-        out = m.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=list(eos_ids),
-                         pad_token_id=pad_id, **kwargs)[:, P:].numpy()
-    full = np.full((out.shape[0], max_new_tokens), pad_id)  # num_return_sequences: rows p*n + j
-    full[:, : out.shape[1]] = out
-    return full
-
-
 @pytest.fixture(scope="module")
 def hf_setup(tmp_path_factory):
-    torch, _ = _torch()
+    torch, _ = torch_or_skip()
     path = tmp_path_factory.mktemp("hf_gpt2")
     m = build_hf_gpt2(path, vocab_size=97)
     config, params, _ = hf_interop.load_hf_dir(path)
@@ -227,34 +189,10 @@ def test_debug_python_loop_equals_compiled(tiny):
     np.testing.assert_array_equal(fast.generate_padded(prompts, g)[0], slow.generate_padded(prompts, g)[0])
 
 
-SHARDED = r"""
-import json, jax, numpy as np
-from aigc_jax import configs, model
-from aigc_jax.decode import GenerationConfig, Generator, time_decode
-assert jax.device_count() == 8
-cfg = configs.get_preset("tiny").replace(vocab_size=61, n_positions=48)
-params = jax.tree.map(lambda x: x * 3, jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0)))
-rng = np.random.default_rng(0)
-prompts = [rng.integers(0, 61, n).tolist() for n in (3, 7, 1, 12, 5)]  # 5 rows: padded to 8, one per device
-sample = GenerationConfig(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=4, eos_ids=(7,))
-beam = GenerationConfig(max_new_tokens=10, num_beams=2, length_penalty=0.7, eos_ids=(7,))
-out = {}
-for mode in ("none", "pmap", "shard_map"):
-    gen = Generator(cfg, params, mode=mode)
-    out[mode] = {"beam": gen.generate(prompts, beam)}
-    if mode != "pmap":  # pmap's wrapping of the one-call program is covered by beam (saves a compile)
-        out[mode]["sample"] = gen.generate(prompts, sample)
-    if mode != "none":  # streamed chunks, joined, must equal the single-device one-call result
-        chunks = list(gen.stream(prompts, sample, chunk=4))
-        out[mode]["stream"] = [sum((c[i] for c in chunks), []) for i in range(len(prompts))]
-print(json.dumps(out))
-"""
-
-
 def test_one_vs_eight_devices_identical():
     # Faster XLA compiles in the subprocess: all three runs share the flags, so the comparison is unaffected.
-    out = run_script(SHARDED, devices=8, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
-                                                         "--xla_backend_optimization_level=0"})
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    out = run_module("decode_one_vs_eight", devices=8, env={"XLA_FLAGS": flags})
     none = out["none"]
     assert out["shard_map"] == {**none, "stream": none["sample"]}
     assert out["pmap"] == {"beam": none["beam"], "stream": none["sample"]}
@@ -264,23 +202,9 @@ def test_one_vs_eight_devices_identical():
 # ------------------------------------------------------------------------------------------------- CLI and API
 
 
-def save_random_hf_gpt2(path, with_tokenizer=True):
-    """An HF GPT-2 dir written by our exporter (no torch needed): random weights far from uniform, and a byte-level
-    tokenizer (257 ids, <|endoftext|> = 256)."""
-    cfg = configs.get_preset("tiny").replace(n_positions=48)
-    params = jax.tree.map(lambda x: x * 3, model.init_params(cfg, jax.random.key(5)))
-    hf_interop.save_hf_dir(path, cfg, params, tok.byte_level() if with_tokenizer else None)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     return save_random_hf_gpt2(tmp_path_factory.mktemp("hf_text"))
-
-
-def load_hf_model(path):
-    _, transformers = _torch()
-    return transformers.GPT2LMHeadModel.from_pretrained(path).eval()
 
 
 def test_cli_json_equals_hf_generate(text_model):
@@ -305,31 +229,24 @@ def test_cli_missing_model_is_one_line_error(tmp_path):
     assert_one_line_error(run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"), "does not exist")
 
 
-def _cli_error(capsys, *args):
-    rc = cli_main(["generate", *args])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0 and len(err) == 1, err
-    return err[0]
-
-
 def test_cli_errors(text_model, capsys, tmp_path):
     path = text_model
     base = ["--model", path, "--prompt", "hi"]
-    assert "prompt 0 is empty" in _cli_error(capsys, "--model", path, "--prompt", "")
-    assert "context of 48" in _cli_error(capsys, *base, "--max-new-tokens", "48")
-    assert "--top-p" in _cli_error(capsys, *base, "--top-p", "0")
-    assert "--top-p" in _cli_error(capsys, *base, "--top-p", "1.01")
-    assert "--top-k" in _cli_error(capsys, *base, "--top-k", "-1")
-    assert "--temperature" in _cli_error(capsys, *base, "--temperature", "-1")
-    assert "--num-beams" in _cli_error(capsys, *base, "--num-beams", "0")
-    assert "cannot override n_layer" in _cli_error(capsys, *base, "--set", "n_layer=3")
-    assert "beam search" in _cli_error(capsys, *base, "--num-beams", "2", "--stream")
-    assert "--prompts-file" in _cli_error(capsys, "--model", path, "--prompts-file", str(tmp_path / "none.txt"))
+    assert "prompt 0 is empty" in generate_error(capsys, "--model", path, "--prompt", "")
+    assert "context of 48" in generate_error(capsys, *base, "--max-new-tokens", "48")
+    assert "--top-p" in generate_error(capsys, *base, "--top-p", "0")
+    assert "--top-p" in generate_error(capsys, *base, "--top-p", "1.01")
+    assert "--top-k" in generate_error(capsys, *base, "--top-k", "-1")
+    assert "--temperature" in generate_error(capsys, *base, "--temperature", "-1")
+    assert "--num-beams" in generate_error(capsys, *base, "--num-beams", "0")
+    assert "cannot override n_layer" in generate_error(capsys, *base, "--set", "n_layer=3")
+    assert "beam search" in generate_error(capsys, *base, "--num-beams", "2", "--stream")
+    assert "--prompts-file" in generate_error(capsys, "--model", path, "--prompts-file", str(tmp_path / "none.txt"))
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "config.json").write_text("{not json")
-    assert "config.json" in _cli_error(capsys, "--model", str(tmp_path / "corrupt"), "--prompt", "hi")
+    assert "config.json" in generate_error(capsys, "--model", str(tmp_path / "corrupt"), "--prompt", "hi")
     untokenized = save_random_hf_gpt2(tmp_path / "no_tokenizer", with_tokenizer=False)
-    assert "no tokenizer" in _cli_error(capsys, "--model", untokenized, "--prompt", "hi")
+    assert "no tokenizer" in generate_error(capsys, "--model", untokenized, "--prompt", "hi")
 
 
 def test_cli_prompts_file_and_stream(text_model, capsys, tmp_path):

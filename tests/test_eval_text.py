@@ -6,9 +6,8 @@ import json
 import math
 
 import pytest
-from test_decode import _torch, build_hf_gpt2, load_hf_model, save_random_hf_gpt2
-from test_llama import make_hf
-from test_llama_text import qwen2_style
+from helpers.hf_models import build_hf_gpt2, load_hf_model, make_hf, save_random_hf_gpt2, torch_or_skip
+from helpers.tokenizer_styles import qwen2_style
 
 from aigc_jax import api, modeldir
 from aigc_jax.cli import main as cli_main
@@ -24,7 +23,7 @@ def _eval(capsys, *args):
 
 def hf_windows_nll(m, tokens, T):
     """HF's summed NLL and count over the windows the module docstring of aigc_jax/train/perplexity.py names."""
-    torch, _ = _torch()
+    torch, _ = torch_or_skip()
     spans = [(i * T, 0) for i in range((len(tokens) - 1) // T)]  # (window start, first position counted)
     tail = (len(tokens) - 1) % T
     if tail:
@@ -55,7 +54,7 @@ def text_file(tmp_path_factory):
 
 
 def test_gpt2_loss_equals_hf_in_the_same_windows_for_an_hf_dir_and_a_model_dir(text_file, capsys, tmp_path):
-    _, transformers = _torch()
+    _, transformers = torch_or_skip()
     path = save_random_hf_gpt2(tmp_path / "gpt2")  # context 48, byte-level tokenizer
     m = load_hf_model(path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)

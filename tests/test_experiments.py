@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, python_module
 
 sys.path.insert(0, str(ROOT / "experiments"))
 
@@ -238,10 +238,8 @@ def test_script_help(module, capsys):
 
 
 def test_help_does_not_load_jax():
-    code = ("import sys; sys.path.insert(0, 'experiments'); import common, finetune_sft\n"
-            "try: common.main_guard(finetune_sft.main, ['--help'])\nexcept SystemExit: pass\n"
-            "print('jax' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    argv, env = python_module("isolated.experiment_help")
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert proc.stdout.strip().endswith("False"), proc.stderr
 
 
@@ -251,10 +249,8 @@ def test_shakespeare_char_small_run_without_tfds(shakespeare_path, tmp_path, cap
     (tmp_path / "shakespeare.txt").write_text(text)
     args = ["--text-file", tmp_path / "shakespeare.txt", "--variant", "cpu-small", "--steps", "4", "--workdir",
             tmp_path / "run", "--results-dir", tmp_path / "res", "--set", "n_layer=1", "--set", "eval_every=2"]
-    code = ("import sys; sys.modules['tensorflow_datasets'] = None; sys.path.insert(0, 'experiments')\n"
-            "import common, shakespeare_char\nsys.exit(common.main_guard(shakespeare_char.main, sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    argv, env = python_module("isolated.shakespeare_char_without_tfds", *args, env={"JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "res" / "summary.json").read_text())
     assert summary["published"] == {"val_loss": 1.88} and summary["final_step"] == 4 and summary["shift_windows"]

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_decode import _torch, build_hf_gpt2, hf_generate, load_hf_model, save_random_hf_gpt2
+from helpers.hf_models import build_hf_gpt2, hf_generate, load_hf_model, save_random_hf_gpt2, torch_or_skip
 
 from aigc_jax import api, completions, modeldir
 from aigc_jax.cli import main as cli_main
@@ -71,7 +71,7 @@ def test_num_return_sequences_samples_differ_and_are_hfs_expanded_rows(hf_model)
 
 def _teacher_forced_logprobs(m, prompt, ids):
     """log-softmax of HF's logits at each generated position, read at the generated id."""
-    torch, _ = _torch()
+    torch, _ = torch_or_skip()
     with torch.no_grad():
         logits = m(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
     return torch.log_softmax(logits.double(), -1)[torch.arange(len(ids)), torch.tensor(ids)].numpy()
@@ -115,7 +115,7 @@ def lm(text_dirs):
 
 
 def test_without_sampling_settings_generate_is_hfs_default_greedy(text_dirs, lm):
-    torch, _ = _torch()
+    torch, _ = torch_or_skip()
     m = load_hf_model(text_dirs["greedy"])
     ids = lm.encode("Once upon a time")
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_without_sampling_settings_generate_is_hfs_default_greedy(text_dirs, lm)
 
 
 def test_generation_config_json_sets_the_defaults_as_hf_reads_it(text_dirs, tmp_path):
-    _, transformers = _torch()
+    _, transformers = torch_or_skip()
     lm = api.load(text_dirs["sampled"])
     gen = lm.config_for(seed=1)
     assert gen == GenerationConfig(temperature=0.6, top_p=0.9, top_k=50, eos_ids=(256,), seed=1)

@@ -8,13 +8,15 @@ import copy
 import json
 import os
 import shutil
-import subprocess
 
 import jax
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
-from test_tokenizers import TEXTS, hf_gpt2_tokenizer, write_bpe_files
+from helpers.cli import cli_in_process
+from helpers.hf_models import make_hf_model
+from helpers.text import TEXTS
+from helpers.tokenizer_styles import hf_gpt2_tokenizer, write_bpe_files
 
 from aigc_jax import configs, model
 from aigc_jax import tokenizers as tok
@@ -39,18 +41,6 @@ SHAPES = {
     "v301-L4-H8": dict(vocab_size=301, n_positions=32, n_layer=4, n_head=8, n_embd=64,
                        resid_pdrop=0.2, attn_pdrop=0.0),
 }
-
-
-def make_hf_model(directory, seed=0, **shape):
-    """A random GPT2LMHeadModel with every weight perturbed, saved to `directory`; returned in eval mode."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(bos_token_id=None, eos_token_id=None, **shape)
-    hf_model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in hf_model.parameters():
-            p.add_(torch.randn_like(p) * NOISE)
-    hf_model.save_pretrained(str(directory))
-    return hf_model
 
 
 def hf_logits(hf_model, tokens, labels=False):
@@ -220,20 +210,6 @@ UNSUPPORTED = {
     "activation_function": dict(activation_function="quick_gelu"),
     "model_type": dict(model_type="gpt_neox"),
 }
-
-
-def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
-    """`aigc-jax ARGS…` through the CLI's own `main`, without paying a fresh interpreter's start-up.
-
-    Anything but a UserError would propagate here and fail the test; the subprocess tests below cover the
-    real entry point.
-    """
-    from aigc_jax import cli
-
-    capsys.readouterr()  # drop what earlier steps printed (transformers' progress bars)
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 @pytest.mark.parametrize("key", list(UNSUPPORTED))

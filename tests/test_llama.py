@@ -19,11 +19,10 @@ from aigc_jax.decode import GenerationConfig, Generator
 from aigc_jax.errors import UserError
 from aigc_jax.interop import hf
 from aigc_jax.models import llama
+from helpers.hf_models import make_hf, transformers_or_skip
 
 forward = jax.jit(model.forward, static_argnames=("config", "train"))
 
-BASE = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 # (HF class, config kwargs): MHA / GQA / MQA per family; tied and untied; llama3 RoPE with a short original
@@ -44,28 +43,6 @@ CASES = {
     "mistral-mqa-tied": ("Mistral", dict(num_key_value_heads=1, sliding_window=7, tie_word_embeddings=True,
                                          head_dim=4)),
 }
-
-
-def transformers_or_skip():
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
-def make_hf(directory, kind, seed=0, noise=0.1, **kwargs):
-    """A random {kind}ForCausalLM with every weight perturbed, saved to `directory`; returned in eval mode."""
-    import torch
-
-    transformers = transformers_or_skip()
-    torch.manual_seed(seed)
-    config = getattr(transformers, f"{kind}Config")(**{**BASE, **kwargs})
-    m = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * noise)
-    m.save_pretrained(str(directory))
-    return m
 
 
 def hf_logits(m, tokens, mask=None, positions=None):
@@ -172,7 +149,7 @@ UNSUPPORTED = {
 
 @pytest.mark.parametrize("key", list(UNSUPPORTED))
 def test_unsupported_settings_are_refused_by_name(key, tmp_path, capsys):
-    from test_hf_interop import cli_in_process
+    from helpers.cli import cli_in_process
 
     make_hf(tmp_path / "src", "Llama", num_hidden_layers=1)
     config = json.loads((tmp_path / "src/config.json").read_text())
@@ -320,7 +297,7 @@ def test_bf16_compute_keeps_hf_rmsnorm_order(tiny_params):
 @pytest.mark.parametrize("name", ["llama-gqa-llama3-tied-bias", "qwen2-gqa-window", "mistral-gqa-window"])
 def test_greedy_and_beam_ids_equal_hf_generate(name, tmp_path):
     """Left-padded prompts, two EOS ids the model really emits, decoding well past the sliding windows (5, 6)."""
-    from test_decode import hf_generate
+    from helpers.hf_models import hf_generate
 
     kind, kwargs = CASES[name]
     m = make_hf(tmp_path, kind, seed=1, noise=0.3, **kwargs)

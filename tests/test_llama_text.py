@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import tokenizers
 from conftest import assert_one_line_error, run_cli
-from test_chat import LLAMA3, MISTRAL, QWEN2
-from test_llama import make_hf, transformers_or_skip
-from test_tokenizers import CORPUS, TEXTS, random_texts
-from tokenizers import models, pre_tokenizers, processors, trainers
+from helpers.hf_models import make_hf, transformers_or_skip
+from helpers.text import CORPUS, TEXTS, random_texts
+from helpers.tokenizer_styles import llama3_style, qwen2_style, sentencepiece_file_style, sentencepiece_style
 
 from aigc_jax import api
 from aigc_jax import tokenizers as tok
@@ -20,89 +19,6 @@ from aigc_jax.interop import hf
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                 {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _trained_bpe(pre_tokenizer, specials, vocab_size=400, **kwargs):
-    hf_tok = tokenizers.Tokenizer(models.BPE(**kwargs))
-    hf_tok.pre_tokenizer = pre_tokenizer
-    alphabet = pre_tokenizers.ByteLevel.alphabet() if isinstance(pre_tokenizer, pre_tokenizers.Sequence) else []
-    hf_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                           initial_alphabet=alphabet, show_progress=False))
-    model = json.loads(hf_tok.to_str())["model"]
-    return hf_tok, model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-
-
-def sentencepiece_style(directory):
-    """Llama 2 / Mistral: transformers' own LlamaTokenizer (Metaspace, byte fallback, BOS added) on a trained BPE."""
-    transformers = transformers_or_skip()
-    _, vocab, merges = _trained_bpe(pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"])
-    for b in range(256):  # SentencePiece's byte-fallback pieces
-        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    t = transformers.LlamaTokenizer(vocab=vocab, merges=merges, chat_template=MISTRAL, add_bos_token=True)
-    t.save_pretrained(str(directory))
-    return t
-
-
-def sentencepiece_file_style(directory, legacy=True):
-    """A Llama 2 / Mistral directory as transformers 4.x's converter wrote it: tokenizer.json with a Prepend("▁")
-    normalizer and no pre-tokenizer, tokenizer_config.json naming LlamaTokenizer (which transformers 5 rebuilds
-    around the file's vocabulary: the oracle is what AutoTokenizer makes of the directory)."""
-    from tokenizers import decoders, normalizers
-
-    transformers_or_skip()
-    _, vocab, merges = _trained_bpe(pre_tokenizers.Metaspace(), ["<unk>", "<s>", "</s>"])
-    for b in range(256):
-        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    hf_tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
-                                             unk_token="<unk>"))
-    hf_tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    hf_tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                        decoders.Strip(" ", 1, 0)])
-    hf_tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    hf_tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                          special_tokens=[("<s>", 1)])
-    hf_tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": legacy, "chat_template": MISTRAL}))
-
-
-def qwen2_style(directory):
-    """Qwen2: transformers' Qwen2Tokenizer (byte-level BPE, NFC, no BOS) with <|im_start|>/<|im_end|>."""
-    transformers = transformers_or_skip()
-    split = pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), "isolated"),
-                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    _, vocab, merges = _trained_bpe(split, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    t = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, chat_template=QWEN2)
-    t.save_pretrained(str(directory))
-    with open(directory / "generation_config.json", "w") as f:  # Qwen2.5-Instruct stops at either
-        json.dump({"eos_token_id": [t.convert_tokens_to_ids("<|im_end|>"), t.eos_token_id]}, f)
-    return t
-
-
-def llama3_style(directory):
-    """Llama 3: a PreTrainedTokenizerFast over a tokenizer.json whose post-processor adds <|begin_of_text|>; the
-    Instruct models stop at <|eot_id|> as well as <|end_of_text|> (generation_config.json)."""
-    transformers = transformers_or_skip()
-    split = pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), "isolated"),
-                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf_tok, _, _ = _trained_bpe(split, LLAMA3_SPECIALS)
-    hf_tok.decoder = tokenizers.decoders.ByteLevel()
-    bos = hf_tok.token_to_id("<|begin_of_text|>")
-    hf_tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
-                                                          special_tokens=[("<|begin_of_text|>", bos)])
-    t = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tok, bos_token="<|begin_of_text|>",
-                                             eos_token="<|end_of_text|>", chat_template=LLAMA3)
-    t.save_pretrained(str(directory))
-    ids = [hf_tok.token_to_id(s) for s in ("<|end_of_text|>", "<|eot_id|>")]
-    with open(directory / "generation_config.json", "w") as f:
-        json.dump({"bos_token_id": bos, "eos_token_id": ids}, f)
-    return t
-
-
 STYLES = {"sentencepiece": sentencepiece_style, "qwen2": qwen2_style, "llama3": llama3_style,
           "sentencepiece-v4-file": sentencepiece_file_style,
           "sentencepiece-v4-file-nonlegacy": lambda d: sentencepiece_file_style(d, legacy=False)}
@@ -175,7 +91,7 @@ def test_lm_chat_and_generate_chat_equal_hf_generate(chat_model, tmp_path):
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     assert lm.chat_prompt(CONVERSATION) == prompt
     # Stop at either EOS id, as the model's generation_config.json says.
-    from test_decode import hf_generate
+    from helpers.hf_models import hf_generate
 
     ref = hf_generate(m, [prompt], 24, list(lm.tokenizer.eos_ids), do_sample=False)[0].tolist()
     reply_ids = lm.generate_ids(prompt, max_new_tokens=24, temperature=0)
@@ -197,14 +113,14 @@ def test_lm_chat_and_generate_chat_equal_hf_generate(chat_model, tmp_path):
 
 
 def test_chat_errors_are_one_line(chat_model, tmp_path, capsys):
-    from test_decode import _cli_error
+    from helpers.cli import generate_error
 
     directory, _, _ = chat_model
     (tmp_path / "bad.jsonl").write_text('{"role": "user", "content": "hi"}\nnot json\n')
     bad = str(tmp_path / "bad.jsonl")
-    assert "line 2 is not JSON" in _cli_error(capsys, "--model", str(directory), "--messages", bad)
-    assert "role" in _cli_error(capsys, "--model", str(directory), "--messages", str(_write(tmp_path, [{"role": "x"}])))
-    assert "needs a conversation" in _cli_error(capsys, "--model", str(directory), "--chat")
+    assert "line 2 is not JSON" in generate_error(capsys, "--model", str(directory), "--messages", bad)
+    assert "role" in generate_error(capsys, "--model", str(directory), "--messages", str(_write(tmp_path, [{"role": "x"}])))
+    assert "needs a conversation" in generate_error(capsys, "--model", str(directory), "--chat")
 
 
 def _write(tmp_path, rows):
@@ -237,7 +153,7 @@ def test_export_writes_tokenizer_eos_ids_and_template_transformers_loads(chat_mo
 
 def test_model_dir_keeps_config_weights_tokenizer_and_template(chat_model, tmp_path, capsys):
     from flax import traverse_util
-    from test_hf_interop import cli_in_process
+    from helpers.cli import cli_in_process
 
     from aigc_jax import modeldir
 
@@ -262,7 +178,7 @@ def test_model_dir_keeps_config_weights_tokenizer_and_template(chat_model, tmp_p
                                          ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=True))])
 def test_one_adamw_step_on_imported_weights_equals_torch(kind, kwargs, tmp_path):
     """Our step (clipping active, decay on matrices only) = transformers + clip_grad_norm_ + torch AdamW."""
-    from test_train_step import our_step, torch_adamw_step
+    from helpers.train_step import our_step, torch_adamw_step
 
     from aigc_jax.train.config import TrainConfig
 

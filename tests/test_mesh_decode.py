@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, run_script
+from conftest import assert_one_line_error, run_cli, run_module
 from serve_util import ServerProcess, call
 
 from aigc_jax import api
@@ -19,59 +19,10 @@ from aigc_jax.cli import main as cli_main
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
 MESHES = ("data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4")
 
-COMMON = r"""
-import json, re, jax, numpy as np
-from aigc_jax import configs, model, sharding
-from aigc_jax.decode import GenerationConfig, Generator, memory_report
-from aigc_jax.errors import UserError
-assert jax.device_count() == 8
-
-def tiny(family, **changes):
-    if family == "gpt2":  # 8 heads, so that tensor=8 divides them
-        cfg = configs.get_preset("tiny").replace(vocab_size=61, n_positions=64, n_head=8, n_embd=64)
-    else:  # grouped-query attention: 16 query heads share 8 key/value heads
-        cfg = configs.get_preset("llama-tiny").replace(vocab_size=61, n_positions=64, n_head=16, n_kv_head=8,
-                                                      n_embd=64, head_dim=8)
-    cfg = cfg.replace(**changes)
-    params = jax.tree.map(lambda x: x * 3, jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0)))
-    return cfg, params  # weights x3: next-token choices far from ties
-
-def error(fn):
-    try:
-        fn()
-    except UserError as e:
-        return str(e)
-
-rng = np.random.default_rng(0)
-PROMPTS = [rng.integers(0, 61, n).tolist() for n in (3, 7, 1, 12, 5)]  # 5 rows: padded to a multiple of data x fsdp
-GREEDY = GenerationConfig(max_new_tokens=20, temperature=0, eos_ids=(7,))
-BEAM = GenerationConfig(max_new_tokens=20, num_beams=2, length_penalty=0.7, eos_ids=(7,))
-SAMPLE = GenerationConfig(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=4, eos_ids=(7,))
-"""
-
-IDS = COMMON + r"""
-FAMILY, MESHES = {family!r}, {meshes!r}
-cfg, params = tiny(FAMILY)
-decode = lambda gen: {{"greedy": gen.generate(PROMPTS, GREEDY), "beam": gen.generate(PROMPTS, BEAM)}}
-out = {{"one": decode(Generator(cfg, params))}}
-for m in MESHES:
-    out[m] = decode(Generator(cfg, params, mode="mesh", mesh=m))
-if FAMILY == "gpt2":
-    # Sampling keys are per global row; streaming hands the (sharded, donated) state across calls.
-    out["one"]["sample"] = Generator(cfg, params).generate(PROMPTS, SAMPLE)
-    chunks = list(Generator(cfg, params, mode="mesh", mesh="data=2,fsdp=2,tensor=2").stream(PROMPTS, SAMPLE, chunk=8))
-    out["stream"] = [sum((c[i] for c in chunks), []) for i in range(len(PROMPTS))]
-    out["heads_error"] = error(lambda: Generator(*tiny("gpt2", n_head=2), mode="mesh", mesh="data=2,tensor=4"))
-else:
-    out["heads_error"] = error(lambda: Generator(*tiny("llama", n_head=8, n_kv_head=2), mode="mesh",
-                                                 mesh="data=2,tensor=4"))
-print(json.dumps(out))
-"""
-
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_and_beam_ids_on_every_mesh_equal_one_device(family):
-    out = run_script(IDS.format(family=family, meshes=MESHES), devices=8, env=ENV)
+    out = run_module("mesh_decode_ids", family, json.dumps(MESHES), devices=8, env=ENV)
     one = out.pop("one")
     assert len({len(ids) for ids in one["greedy"]}) > 1 or family == "gpt2"  # llama: some rows end at EOS
     for m in MESHES:
@@ -85,52 +36,10 @@ def test_greedy_and_beam_ids_on_every_mesh_equal_one_device(family):
     assert "\n" not in out["heads_error"]
 
 
-PLAN = COMMON + r"""
-from aigc_jax.decode import generate
-from aigc_jax.models.cache import KVCache
-
-# A collective "moves the cache" when its result has the cache's slot dimension: S = P + N = 16 + 32 = 48, a size
-# no other array of this model has (n_positions 64, width 64, 8 heads of 8, vocabulary 128 = 64/32/16 per shard).
-S = 48
-COLLECTIVE = re.compile(r"= (\S+|\(.*?\)) (all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)"
-                        r"(-start)?\(")
-
-def collectives(gen, g):
-    hlo = gen.lower(PROMPTS, g, program="run").compile().as_text()
-    found = []
-    for line in hlo.splitlines():
-        m = COLLECTIVE.search(line)
-        if m:
-            dims = [int(d) for shape in re.findall(r"\[([0-9,]*)\]", m.group(1)) for d in shape.split(",") if d]
-            found.append((m.group(2), m.group(1), S in dims))
-    return {{"n": len(found), "cache": [f"{{op}} {{shape}}" for op, shape, cache in found if cache]}}
-
-cfg, params = tiny("gpt2")
-greedy = GREEDY.replace(max_new_tokens=32 - 4)  # bucket N = 32, so S = 48
-beam = BEAM.replace(max_new_tokens=32 - 4)
-out = {{"hlo": {{}}}}
-gen = Generator(cfg, params, mode="mesh", mesh="data=2,fsdp=2,tensor=2")
-out["hlo"]["greedy"], out["hlo"]["beam"] = collectives(gen, greedy), collectives(gen, beam)
-
-def global_gather(self, idx_GxJ):  # the control: beams reordered by global row numbers
-    G, J = idx_GxJ.shape
-    return self.gather((np.arange(G)[:, None] * (self.pos.shape[0] // G) + idx_GxJ).reshape(G * J))
-
-KVCache.gather_groups = global_gather
-generate._PROGRAMS.clear()  # compiled programs are shared between Generators: trace the control afresh
-out["hlo"]["control"] = collectives(Generator(cfg, params, mode="mesh", mesh="data=2,fsdp=2,tensor=2"), beam)
-
-out["report"] = {{m: memory_report(cfg, m, batch=8, prompt_len=10, new_tokens=20) for m in {meshes!r}}}
-out["placed"] = {{m: sharding.bytes_per_device(Generator(cfg, params, mode="mesh", mesh=m).params)
-                 for m in {meshes!r}}}
-out["beams"] = memory_report(cfg, "tensor=8", batch=3, prompt_len=10, new_tokens=20, num_beams=2)
-print(json.dumps(out))
-"""
-
-
 @pytest.fixture(scope="module")
 def planned():
-    return run_script(PLAN.format(meshes=("data=8", "tensor=8", "fsdp=2,tensor=4")), devices=8, env=ENV)
+    return run_module("mesh_decode_plan", json.dumps(["data=8", "tensor=8", "fsdp=2,tensor=4"]), devices=8,
+                      env=ENV)
 
 
 def test_decode_loop_never_moves_the_kv_cache(planned):
@@ -142,7 +51,8 @@ def test_decode_loop_never_moves_the_kv_cache(planned):
     assert any(c.startswith("all-gather") for c in hlo["control"]["cache"]), hlo["control"]
 
 
-# The GPT-2 of the PLAN script: width 64, 2 layers, 8 heads of 8, padded vocabulary 128, 64 positions, fp32.
+# The GPT-2 of multidevice/mesh_decode_plan.py: width 64, 2 layers, 8 heads of 8, padded vocabulary 128,
+# 64 positions, fp32.
 D, L, V, POSITIONS, H, DH = 64, 2, 128, 64, 8, 8
 SPLIT = L * (D * 3 * D + 3 * D + D * D + D * 4 * D + 4 * D + 4 * D * D) + V * D  # heads, mlp, vocab: over tensor
 WHOLE = POSITIONS * D + L * (2 * 2 * D + D + D) + 2 * D  # position table, norms, the two c_proj biases
@@ -212,45 +122,8 @@ def test_cli_generate_on_a_mesh_equals_one_device(serve_model):
 
 # ------------------------------------------------------------------------------------------------- serving
 
-ENGINE = COMMON + r"""
-import threading
-from aigc_jax.serve.engine import Engine, Sampling, Scored, Sequence, Tokens
-
-cfg, params = tiny("gpt2")
-prompts = [rng.integers(0, 61, n).tolist() for n in (3, 7, 1, 12, 5, 20, 9, 2, 30, 4)]
-
-def serve(mesh):
-    tokens, logprobs, done, lock = {{}}, {{}}, threading.Semaphore(0), threading.Lock()
-    def emitter(key):
-        def emit(event):
-            with lock:
-                if isinstance(event, Tokens):
-                    tokens.setdefault(key, []).extend(event.ids)
-                    logprobs.setdefault(key, []).extend(event.logprobs or [])
-                elif isinstance(event, Scored):  # a prompt's log-probabilities (echo)
-                    logprobs[key] = event.logprobs
-                    tokens[key] = [[i for i, _ in top] for top in event.top]
-                    done.release()
-                else:
-                    done.release()
-        return emit
-    with Engine(cfg, params, eos_ids=(7,), max_batch=8, chunk=4, max_prefill=2, mesh=mesh) as engine:
-        seqs = [Sequence(p, 15, emitter(f"greedy{{i}}"), logprobs=i % 3 == 0) for i, p in enumerate(prompts)]
-        seqs += [Sequence(p, 15, emitter(f"sample{{i}}"), sampling=Sampling(temperature=0.9, top_k=20, seed=4))
-                 for i, p in enumerate(prompts[:4])]
-        engine.submit(seqs)  # 14 sequences for 8 slots: some join while others decode
-        engine.score(prompts[8], emitter("score"))
-        for _ in range(len(seqs) + 1):
-            assert done.acquire(timeout=300), "a sequence did not finish"
-    return {{"tokens": tokens, "logprobs": logprobs}}
-
-slots_error = error(lambda: Engine(cfg, params, max_batch=6, mesh="data=4,tensor=2"))
-print(json.dumps({{"one": serve(None), "mesh": serve({mesh!r}), "slots_error": slots_error}}))
-"""
-
-
 def test_engine_on_a_mesh_serves_what_one_device_serves():
-    out = run_script(ENGINE.format(mesh="data=2,fsdp=2,tensor=2"), devices=8, env=ENV)
+    out = run_module("mesh_engine", "data=2,fsdp=2,tensor=2", devices=8, env=ENV)
     one, mesh = out["one"], out["mesh"]
     assert "--max-batch 6 must be a multiple of data x fsdp = 4" in out["slots_error"]
     assert mesh["tokens"] == one["tokens"]

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, requires_gpu, run_cli, run_script
+from conftest import assert_one_line_error, requires_gpu, run_cli, run_module
 
 from aigc_jax import configs, model
 from aigc_jax.attention import resolve_backend, xla_attention
@@ -298,16 +298,7 @@ def test_cli_config_errors_are_one_line(tmp_path):
 
 
 def test_import_does_not_pull_tensorflow_datasets():
-    out = run_script(
-        "import json, sys, importlib\n"
-        "import aigc_jax, aigc_jax.cli\n"
-        "for m in ['aigc_jax.train', 'aigc_jax.decode', 'aigc_jax.interop']:\n"
-        "    try: importlib.import_module(m)\n"
-        "    except ModuleNotFoundError as e:\n"
-        "        if e.name != m: raise\n"
-        "aigc_jax.cli.build_parser()\n"
-        "print(json.dumps({'tfds': 'tensorflow_datasets' in sys.modules, 'tf': 'tensorflow' in sys.modules}))"
-    )
+    out = run_module("import_purity")
     assert out == {"tfds": False, "tf": False}
 
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import run_cli
 from openai import OpenAI
 from serve_util import ServerProcess
-from test_llama import make_hf, transformers_or_skip
-from test_llama_text import llama3_style, qwen2_style, sentencepiece_style
+from helpers.hf_models import make_hf, transformers_or_skip
+from helpers.tokenizer_styles import llama3_style, qwen2_style, sentencepiece_style
 
 from aigc_jax import api
 from aigc_jax import tokenizers as tok

@@ -2,7 +2,7 @@
 on, scanned or not, with gradient accumulation), per-device memory that shrinks as it should, checkpoints that
 restore onto another mesh or device count, several hosts, and one-line errors for meshes that cannot work.
 
-The 8-device runs happen in one subprocess with 8 simulated CPU devices (tests/conftest.py `run_script`); the
+The 8-device runs happen in one subprocess with 8 simulated CPU devices (tests/conftest.py `run_module`); the
 1-device references in another."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, run_cli, run_script
+from conftest import ROOT, assert_one_line_error, run_cli, run_module
 
 MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"]
 GPT2 = {"preset": "tiny", "model": {"n_head": 8, "n_embd": 64, "dropout": 0.1, "attn_dropout": 0.1}}
@@ -31,25 +31,11 @@ VARIANTS = {"unrolled": {"scan_layers": False, "grad_accum": 1}, "scanned_accum2
 # (near-)zero gradient, e.g. the key bias, whose gradient is exactly 0, into differences of up to lr. With eps=1e-8
 # the losses still agree to 1e-6 but such elements differ by up to 3e-5 (measured, data=8 vs one device).
 # decay_steps=4 fixes the cosine's length, so a 2-step run extended to 4 follows the uninterrupted 4-step run's lr.
-# Trains every spec of ARGS["specs"] into ARGS["root"]/<name> (ARGS is prepended by `_train`).
-TRAIN_SPECS = """
-import json
-from aigc_jax import configs
-from aigc_jax.train import loop
-from aigc_jax.train.config import TrainConfig
-for s in ARGS["specs"]:
-    mcfg = configs.with_overrides(configs.get_preset(s["preset"]), {**s["model"], "scan_layers": s["scan"]}, "model.")
-    tc = TrainConfig(steps=s["steps"], batch_size=16, seq_len=16, grad_accum=s["accum"], lr=1e-2, warmup_steps=0,
-                     decay_steps=4, eps=1e-4, eval_every=0, checkpoint_every=2, log_every=1, progress=False, mesh=s["mesh"])
-    run = loop.prepare(f"{ARGS['root']}/{s['name']}", mcfg, tc, ARGS["text"], f"{ARGS['root']}/data", "byte")
-    loop.train(run, log=lambda *_: None)
-print(json.dumps({"done": len(ARGS["specs"])}))
-"""
-
-
+# (Both are set in multidevice/sharding_train_specs.py.)
 def _train(specs: list[dict], root, text, devices: int) -> None:
+    """Trains every spec into root/<name> (multidevice/sharding_train_specs.py) with `devices` devices."""
     args = json.dumps({"specs": specs, "root": str(root), "text": str(text)})
-    run_script(f"ARGS = __import__('json').loads({args!r})\n{TRAIN_SPECS}", devices=devices, timeout=900)
+    run_module("sharding_train_specs", args, devices=devices, timeout=900)
 
 
 def _spec(name, family, variant, mesh, steps=3):
@@ -139,46 +125,9 @@ def test_generate_reads_a_checkpoint_saved_on_fsdp_on_another_mesh(runs):
     assert len(one["token_ids"]) > 0 and meshed["token_ids"] == one["token_ids"]
 
 
-PLAN = """
-import json
-from aigc_jax import configs, sharding
-from aigc_jax.train import layout, optimizer
-from aigc_jax.train.config import TrainConfig
-cfg = configs.get_preset("baby").replace(n_head=8, n_embd=256, vocab_size=1024)
-out = {}
-for mesh in ("data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"):
-    tc = TrainConfig(batch_size=16, seq_len=64, mesh=mesh)
-    opt = optimizer.make(tc)
-    lay = layout.Layout.resolve(tc.__class__(**{**tc.to_dict(), "parallel": "mesh"}), cfg)
-    abstract, shardings = lay.abstract_state(opt, 0, cfg)
-    # Leaves not split over every device: norms and biases (whole or over tensor only), GPT-2's position table
-    # (embed over fsdp only: positions have no tensor rule).
-    n = lay.mesh.shape["fsdp"] * lay.mesh.shape["tensor"]
-    partly_split = sum(sharding.bytes_per_device(x) for x in __import__("jax").tree.leaves(abstract.params)
-                       if sharding.bytes_per_device(x) * n > x.size * x.dtype.itemsize)
-    step = lay.train_step(shardings, model_config=cfg, train_config=tc, optimizer=opt)
-    import jax, jax.numpy as jnp
-    split = sharding.batch_sharding(lay.mesh)
-    batch = {"tokens": jax.ShapeDtypeStruct((16, 65), jnp.int32, sharding=split),
-             "loss_mask": jax.ShapeDtypeStruct((16, 64), jnp.float32, sharding=split),
-             "stop": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=split)}
-    compiled = step.lower(abstract, batch).compile()
-    hlo = compiled.as_text()
-    out[mesh] = {**layout.memory_plan(compiled, abstract), "partly_split": partly_split,
-                 "all_gather": "all-gather" in hlo}
-# A grouped-query Llama with an untied head: train step and decode programs compile without XLA's "involuntary full
-# rematerialization" (the test reads this process's stderr).
-from aigc_jax.decode import memory_report
-llama = configs.get_preset("llama-tiny").replace(n_head=8, n_kv_head=4, head_dim=8, n_embd=64)
-for mesh in ("data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"):
-    layout.plan(llama, TrainConfig(batch_size=16, seq_len=32, mesh=mesh), optimizer.make(TrainConfig()))
-    memory_report(llama, mesh, batch=8, prompt_len=16, new_tokens=16)
-print(json.dumps(out))
-"""
-
-
 def test_per_device_memory_shrinks_with_fsdp_and_tensor():
-    out, stderr = run_script(PLAN, devices=8, timeout=600, env={"AIGC_COMPILE_CACHE": "0"}, with_stderr=True)
+    out, stderr = run_module("sharding_plan", devices=8, timeout=600, env={"AIGC_COMPILE_CACHE": "0"},
+                             with_stderr=True)
     # XLA falls back to replicating a tensor when it cannot reshard it: activation and weight constraints avoid it.
     assert "Involuntary full rematerialization" not in stderr, stderr[-3000:]
     whole = out["data=8"]
@@ -194,24 +143,6 @@ def test_per_device_memory_shrinks_with_fsdp_and_tensor():
         assert state <= got["step_argument_bytes"] <= state + 16 * 65 * 4 + 2 * 16 * 64 * 4, (mesh, got)
     # FSDP gathers weights for compute (reduce-scatters: test_fsdp_reduce_scatters_gradients); data parallelism not.
     assert out["fsdp=8"]["all_gather"] and not out["data=8"]["all_gather"]
-
-
-STEP_HLO = """
-import jax, jax.numpy as jnp, json
-from aigc_jax import configs, sharding
-from aigc_jax.train import layout, optimizer
-from aigc_jax.train.config import TrainConfig
-cfg = configs.get_preset("tiny").replace(n_head=8, n_embd=64)
-tc = TrainConfig(batch_size=16, seq_len=32, mesh=MESH, parallel="mesh")
-lay = layout.Layout.resolve(tc, cfg)
-abstract, shardings = lay.abstract_state(optimizer.make(tc), 0, cfg)
-split = sharding.batch_sharding(lay.mesh)
-batch = {"tokens": jax.ShapeDtypeStruct((16, 33), jnp.int32, sharding=split),
-         "loss_mask": jax.ShapeDtypeStruct((16, 32), jnp.float32, sharding=split)}
-step = lay.train_step(shardings, model_config=cfg, train_config=tc, optimizer=optimizer.make(tc))
-step.lower(abstract, batch).compile()
-print(json.dumps({"kernels": cfg.n_layer * 4}))
-"""
 
 
 def _weight_all_reduce_users(dump_dir) -> list[tuple[str, set]]:
@@ -240,7 +171,7 @@ def test_fsdp_reduce_scatters_gradients(tmp_path):
     for mesh in ("fsdp=8", "data=8"):
         dump = tmp_path / mesh
         flags = f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} --xla_dump_hlo_pass_re=spmd-partitioning"
-        out = run_script(f"MESH = {mesh!r}\n{STEP_HLO}", devices=8, env={"XLA_FLAGS": flags, "AIGC_COMPILE_CACHE": "0"})
+        out = run_module("sharding_step_hlo", mesh, devices=8, env={"XLA_FLAGS": flags, "AIGC_COMPILE_CACHE": "0"})
         found[mesh] = _weight_all_reduce_users(dump)
     scattered = [shape for shape, users in found["fsdp=8"] if users == {"dynamic-slice"}]
     # Every layer's four kernels; the rest (c_attn biases, the wte/wpe lookup tables) are summed whole either way.

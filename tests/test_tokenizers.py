@@ -9,81 +9,8 @@ import pytest
 
 from aigc_jax import tokenizers as tok
 from aigc_jax.errors import UserError
-
-EOT = "<|endoftext|>"
-CORPUS = [
-    "Once upon a time, there was a tokenizer. It's small; isn't it? We'll see, they'd say, I'M sure.\n\n",
-    "    indented code:\n\tif x:\n\t\treturn y  # trailing   \r\n",
-    "Unicode: café naïve Ünïcödé 日本語のテキスト 🙂🚀👨‍👩‍👧 ﬁ Ⅻ 𝔘𝔫𝔦 e\u0301 \u00a0nbsp\u2028",
-    "Numbers 12345 and 3.14159, punctuation!?... (brackets) [more] {braces} <tags> $5 100%",
-] * 20
-
-# Cover the GPT-2 pre-tokenizer's corner cases: whitespace runs before words and at the end, contractions,
-# digits, multi-byte characters split across tokens, and the separator inside, around and doubled.
-TEXTS = [
-    "",
-    "Once upon a time",
-    " leading space",
-    "  two leading spaces",
-    "runs   of    spaces\n\n\nand newlines\t\ttabs\r\n",
-    "trailing spaces   ",
-    "\n",
-    "   \n  \n",
-    "it's don't we'll they'd I'M YOU'RE she’s",
-    "emoji 🙂🚀 family 👨‍👩‍👧 and 日本語 and café / cafe\u0301",
-    "doc one.<|endoftext|>doc two",
-    f"{EOT}starts with the separator",
-    f"ends with it{EOT}",
-    f"x  {EOT}  y",
-    f"{EOT}{EOT}",
-    "<|endoftext| almost <|endoftext",
-    "numbers 1234567890 3.14 -42",
-    "\x00 control \x7f chars \u200b zero width",
-]
-PIECES = [" ", "  ", "\n", "\n\n", "\t", "\r\n", "a", "Z", "the", " the", "'s", "'S", "'ll", "’s", "123", "4",
-          "é", "e\u0301", "日本", "🙂", "👨‍👩‍👧", EOT, "<|endoftext", "|>", ".", "!?", "\u00a0", "𝔘", "ﬁ"]
-
-
-def random_texts(n, seed=0):
-    rng = random.Random(seed)
-    return ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 14))) for _ in range(n)]
-
-
-def write_bpe_files(directory, vocab_size=400, gpt2_layout=True, names=("vocab.json", "merges.txt")):
-    """Trains a byte-level BPE and writes it as vocab + merges files; returns the directory.
-
-    gpt2_layout: renumber so <|endoftext|> is the last id, as in OpenAI's GPT-2 (training puts it first).
-    """
-    trained = tok.train_bpe(CORPUS, vocab_size, min_frequency=1)
-    os.makedirs(directory, exist_ok=True)
-    trained.hf.model.save(str(directory))
-    vocab_path, merges_path = (os.path.join(directory, n) for n in names)
-    with open(os.path.join(directory, "vocab.json")) as f:
-        vocab = json.load(f)
-    if gpt2_layout:
-        order = sorted((t for t in vocab if t != EOT), key=vocab.get) + [EOT]
-        vocab = {t: i for i, t in enumerate(order)}
-    os.remove(os.path.join(directory, "vocab.json"))
-    with open(vocab_path, "w") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    if merges_path != os.path.join(directory, "merges.txt"):
-        os.replace(os.path.join(directory, "merges.txt"), merges_path)
-    return directory
-
-
-def hf_gpt2_tokenizer(bpe_dir):
-    """The oracle: transformers' GPT-2 tokenizer reading vocab.json + merges.txt from `bpe_dir`.
-
-    (In transformers 5, `GPT2TokenizerFast(vocab_file=..., merges_file=...)` silently ignores both files and
-    builds an empty vocabulary; `from_pretrained(dir)` reads them.)
-    """
-    transformers = pytest.importorskip("transformers")
-    oracle = transformers.GPT2TokenizerFast.from_pretrained(str(bpe_dir))
-    with open(os.path.join(bpe_dir, "vocab.json")) as f:
-        vocab = json.load(f)
-    assert oracle.convert_tokens_to_ids(list(vocab)) == list(vocab.values())  # it really read the file
-    return oracle
-
+from helpers.text import CORPUS, EOT, TEXTS, random_texts
+from helpers.tokenizer_styles import hf_gpt2_tokenizer, write_bpe_files
 
 @pytest.fixture(scope="module")
 def bpe_dir(tmp_path_factory):

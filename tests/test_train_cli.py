@@ -18,34 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
-
-TINY = ["--model", "tiny", "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress"]
-
-
-def train_args(corpus, workdir, *extra):
-    return ["train", *TINY, "--data", corpus["data"], "--data-dir", corpus["data_dir"], "--workdir", str(workdir),
-            *extra]
-
-
-def final_params(workdir) -> dict:
-    from flax import traverse_util
-
-    from aigc_jax.modeldir import load_workdir as load_inference
-
-    _, params, _ = load_inference(str(workdir))
-    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-
-
-def snapshot(directory: Path) -> dict:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def popen_cli(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "aigc_jax", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
+from helpers.train_cli import TINY, final_params, popen_cli, snapshot, train_args
 
 def wait_for_checkpoint(proc, workdir: Path, timeout=300) -> None:
     """Returns once some checkpoint step directory is committed (orbax renames it into place when done)."""

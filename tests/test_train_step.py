@@ -5,36 +5,13 @@ import functools
 import jax
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import run_module
 
-from aigc_jax import configs, model, parallel
+from aigc_jax import model, parallel
 from aigc_jax.train import optimizer as optim
 from aigc_jax.train.config import TrainConfig
 from aigc_jax.train.step import init_state, train_step
-
-TINY = configs.get_preset("tiny").replace(vocab_size=61, n_positions=16)
-
-
-def batch(seed, rows, T=16, vocab=61):
-    """Learnable rows (each counts up by a per-row stride from a random start) with a random 80% loss mask."""
-    rng = np.random.default_rng(seed)
-    start, stride = rng.integers(0, vocab, (rows, 1)), rng.integers(1, 3, (rows, 1))
-    tokens = ((start + stride * np.arange(T + 1)) % vocab).astype(np.int32)
-    return {"tokens": tokens, "loss_mask": (rng.random((rows, T)) < 0.8).astype(np.float32)}
-
-
-def run_steps(mode, devices, steps, train_config, batches):
-    mesh = parallel.make_mesh(devices)
-    opt = optim.make(train_config)
-    fn = parallel.wrap(functools.partial(train_step, model_config=TINY, train_config=train_config, optimizer=opt),
-                       mode, mesh, ("rep", "data"), ("rep", "rep"))
-    state = parallel.replicate(init_state(model.init_params(TINY, jax.random.key(0)), opt, 0), mesh)
-    losses = []
-    for s in range(steps):
-        state, m = fn(state, parallel.shard_batch(batches[s], mode, mesh))
-        losses.append(float(m["loss"]))
-    return state, losses
-
+from helpers.train_step import TINY, batch, our_step, run_steps, torch_adamw_step
 
 def test_decay_mask_by_name():
     cfg = TINY.replace(scan_layers=True)
@@ -85,24 +62,8 @@ def test_schedule_warmup_cosine_floor():
     assert float(sched(55)) < float(sched(20))
 
 
-DEVICES_SCRIPT = r"""
-import json, sys, jax, numpy as np
-sys.path.insert(0, "tests")
-from test_train_step import run_steps, batch, TrainConfig
-cfg = TrainConfig(steps=10, batch_size=16, seq_len=16, lr=3e-3, warmup_steps=2)
-batches = [batch(s, 16) for s in range(10)]
-out = {}
-for mode in ("pmap", "shard_map"):
-    for n in (1, 8):
-        state, losses = run_steps(mode, jax.devices()[:n], 10, cfg, batches)
-        flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(state.params))])
-        out[f"{mode}{n}"] = {"losses": losses, "params": flat[::97].tolist()}
-print(json.dumps(out))
-"""
-
-
 def test_one_vs_eight_devices_pmap_and_shard_map():
-    out = run_script(DEVICES_SCRIPT, devices=8)
+    out = run_module("train_step_devices", devices=8)
     ref = out["shard_map1"]
     for key, got in out.items():
         np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5, err_msg=key)
@@ -110,44 +71,12 @@ def test_one_vs_eight_devices_pmap_and_shard_map():
     assert ref["losses"][-1] < ref["losses"][0]
 
 
-def torch_adamw_step(hf_model, tokens, tc):
-    """transformers + clip_grad_norm_ + torch.optim.AdamW, decay on every >= 2-D weight (matrices, embeddings), on
-    the mean next-token loss: (loss, grad norm, clipped grads by name, the new state dict)."""
-    import torch
-
-    hf_model.train()
-    t = torch.tensor(tokens, dtype=torch.long)
-    logits = hf_model(t[:, :-1]).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1))
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(hf_model.parameters(), tc.grad_clip)
-    grads = {k: p.grad.numpy().copy() for k, p in hf_model.named_parameters()}
-    decay = [p for p in hf_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in hf_model.parameters() if p.dim() < 2]
-    torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                      lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps).step()
-    return loss.item(), float(norm), grads, {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-
-
-def our_step(config, params, tokens, tc):
-    """Our train step on one device, all targets weighted: (new params in HF names, metrics)."""
-    from aigc_jax.interop import hf
-
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    opt = optim.make(tc)
-    fn = parallel.wrap(functools.partial(train_step, model_config=config, train_config=tc, optimizer=opt),
-                       "shard_map", mesh, ("rep", "data"), ("rep", "rep"))
-    mask = np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)
-    state, metrics = fn(init_state(params, opt, 0), {"tokens": tokens, "loss_mask": mask})
-    return hf.to_hf_state_dict(jax.device_get(state.params), config), metrics
-
-
 def test_one_adamw_step_on_hf_weights_equals_torch(tmp_path):
     """Imported HF weights, one batch: our step (clipping active, decay on matrices only) equals
     transformers + torch.nn.utils.clip_grad_norm_ + torch.optim.AdamW with the same parameter groups."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from test_hf_interop import make_hf_model
+    from helpers.hf_models import make_hf_model
 
     from aigc_jax.interop import hf
 

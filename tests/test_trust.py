@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 from conftest import cli_in_process as cli
-from test_train_cli import final_params, popen_cli, snapshot, train_args
+from helpers.train_cli import final_params, popen_cli, snapshot, train_args
 
 from aigc_jax import data
 from aigc_jax.train import loop
