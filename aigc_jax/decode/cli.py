@@ -4,8 +4,10 @@ or JSON lines)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import threading
 
 from aigc_jax.errors import UserError
 
@@ -185,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
         _report_seed(args, gen)
         return 0
     n = gen.num_return_sequences
-    for i, c in enumerate(lm.complete(ids, gen)):
+    with _said_if_slow("compiling the decoding programs for these prompt and token-count buckets (kept in the "
+                       "compile cache for the next run), then decoding ..."):
+        results = lm.complete(ids, gen)
+    for i, c in enumerate(results):
         if args.json:
             head = {"prompt": prompts[c.prompt]} if messages is None else {"messages": messages}
             row = {**head, **({"sequence": i % n} if n > 1 else {}), "text": c.text, "token_ids": c.ids}
@@ -225,3 +230,15 @@ def _knobs(args) -> dict:
 def _report_seed(args, gen) -> None:
     if args.seed is None and gen.is_sampling and not args.json:  # --json carries it in every line
         print(f"seed {gen.seed} (pass --seed {gen.seed} to reproduce these samples)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _said_if_slow(what: str, after_s: float = 5.0):
+    """Says on stderr what a wait is once it has lasted `after_s` (a first call of new shapes compiles)."""
+    timer = threading.Timer(after_s, lambda: print(f"aigc-jax generate: {what}", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
