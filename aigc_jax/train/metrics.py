@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import secrets
 import time
 
 import jax
@@ -104,7 +105,7 @@ def _wandb_run(workdir: str, project: str, mode: str, run_config: dict | None):
         with open(id_file) as f:
             run_id = f.read().strip()
     else:
-        run_id = wandb.util.generate_id()
+        run_id = secrets.token_hex(4)  # W&B's own id helper moved between releases; any [a-z0-9] string works
         fileio.atomic_write_text(id_file, run_id + "\n")
     return wandb.init(project=project, id=run_id, resume="allow", dir=workdir, mode=mode or None,
                       name=os.path.basename(os.path.abspath(workdir)), config=run_config)
