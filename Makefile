@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 LOCK ?= .ci/constraints.txt
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(if $(wildcard $(LOCK)),-c $(LOCK))
 JOBS ?= 2
+# A test module's expensive fixtures (servers, HF models, the 8-device training runs) are built once: a module's
+# tests stay on one worker instead of each worker building the fixture again.
+DIST ?= loadfile
 
 .PHONY: demo test install install-test bench-cpu lock clean
 
@@ -27,7 +30,7 @@ demo: $(VENV)/.base
 	$(PY) -m aigc_jax demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q -n $(JOBS) tests
+	$(PY) -m pytest -q -n $(JOBS) --dist $(DIST) tests
 
 bench-cpu: $(VENV)/.test
 	$(PY) benchmarks/run_cpu.py
