@@ -133,9 +133,9 @@ def _train_losses(workdir) -> dict:
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
-# Each family once and each kind of data once: what differs between them (model.json fields, example rows) is
-# covered without paying for the whole grid.
-@pytest.mark.parametrize("family,kind", [("tiny", "jsonl"), ("llama-tiny", "text")])
+# Every family with every kind of data: a resume reads both the family's model.json fields and the data's rows.
+@pytest.mark.parametrize("family,kind", [("tiny", "jsonl"), ("llama-tiny", "text"), ("tiny", "text"),
+                                         ("llama-tiny", "jsonl")])
 def test_every_family_and_kind_of_data_resumes_as_if_never_stopped(small_data, tmp_path, capsys, family, kind):
     """A run stopped at step 2, re-run by the identical command to step 4 and then by its workdir alone to step 6,
     has the losses and parameters of a run never stopped (dropout on; decay_steps fixed, so growing --steps keeps
