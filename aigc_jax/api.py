@@ -206,11 +206,8 @@ def load(src: str, parallel: str = "none", overrides: dict | None = None, mesh=N
         mesh = decode_mesh.resolve(mesh)  # a bad --mesh is an error before the (slow) model load
     config, params, tokenizer = load_model(src, random_init)
     if overrides:
-        unknown = sorted(set(overrides) - set(RUNTIME_KEYS))
-        if unknown:
-            allowed = ", ".join(RUNTIME_KEYS)
-            raise UserError(f"cannot override {', '.join(unknown)} of a trained model; allowed: {allowed}")
-        config = configs.with_overrides(config, overrides, "model.")
+        runtime = configs.Runtime.of(config).with_overrides(configs.check_overrides(config, overrides))
+        config = runtime.apply(config)
     return LM(config, params, tokenizer, parallel, mesh)
 
 

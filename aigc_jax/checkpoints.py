@@ -19,7 +19,7 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
-from aigc_jax import fileio, model, parallel
+from aigc_jax import fileio, model, sharding
 from aigc_jax.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -81,7 +81,7 @@ def _global_arrays(tree):
         return tree
     from jax.experimental import multihost_utils
 
-    mesh = parallel.make_mesh()
+    mesh = sharding.make_mesh()
     convert = lambda x: (multihost_utils.host_local_array_to_global_array(x, mesh, jax.sharding.PartitionSpec())
                          if x.is_fully_addressable else x)
     return jax.tree.map(convert, tree)

@@ -14,13 +14,13 @@ from typing import Any
 from aigc_jax.dictconfig import from_dict, load_file, parse_assignments, with_overrides
 from aigc_jax.errors import ConfigError
 from aigc_jax.models import registry
-from aigc_jax.models.base import (ATTENTION_BACKENDS, COMPUTE_DTYPES, DTYPES, REMAT_POLICIES, RUNTIME_KEYS, BaseConfig,
-                                  compute_dtype, resolve_dtype)
+from aigc_jax.models.base import RUNTIME_KEYS, BaseConfig, compute_dtype, resolve_dtype
+from aigc_jax.models.runtime import ATTENTION_BACKENDS, COMPUTE_DTYPES, DTYPES, REMAT_POLICIES, Runtime, check_overrides
 from aigc_jax.models.gpt2 import ModelConfig
 from aigc_jax.models.llama import LlamaConfig
 
 __all__ = ["ATTENTION_BACKENDS", "COMPUTE_DTYPES", "DTYPES", "FIRST_FAMILY", "PRESETS", "REMAT_POLICIES",
-           "RUNTIME_KEYS", "BaseConfig", "LlamaConfig", "ModelConfig", "add_model_args", "compute_dtype",
+           "RUNTIME_KEYS", "BaseConfig", "Runtime", "check_overrides", "LlamaConfig", "ModelConfig", "add_model_args", "compute_dtype",
            "config_from_dict", "from_dict", "get_preset", "load_file", "model_config", "model_keys", "model_section",
            "parse_assignments", "preset_is_not_weights", "resolve_dtype", "with_overrides"]
 

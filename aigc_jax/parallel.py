@@ -32,12 +32,6 @@ MODES = ("pmap", "shard_map")  # the mapped (manual) data-parallel wrappers
 LAYOUTS = (*MODES, "mesh")  # … and the global-view jit on a mesh
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, shape: sharding.MeshShape | str | None = None) -> Mesh:
-    """The (data, fsdp, tensor) mesh over all devices of all processes (or the given ones); by default every
-    device on data."""
-    return sharding.make_mesh(shape, devices)
-
-
 def _check_mode(mode: str, modes=MODES) -> None:
     if mode not in modes:
         raise UserError(f"--parallel must be one of {', '.join(modes)}, got {mode!r}")

@@ -239,7 +239,7 @@ def test_cli_errors(text_model, capsys, tmp_path):
     assert "--top-k" in generate_error(capsys, *base, "--top-k", "-1")
     assert "--temperature" in generate_error(capsys, *base, "--temperature", "-1")
     assert "--num-beams" in generate_error(capsys, *base, "--num-beams", "0")
-    assert "cannot override n_layer" in generate_error(capsys, *base, "--set", "n_layer=3")
+    assert "cannot change model.n_layer" in generate_error(capsys, *base, "--set", "n_layer=3")
     assert "beam search" in generate_error(capsys, *base, "--num-beams", "2", "--stream")
     assert "--prompts-file" in generate_error(capsys, "--model", path, "--prompts-file", str(tmp_path / "none.txt"))
     (tmp_path / "corrupt").mkdir()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_module
 
-from aigc_jax import model, parallel
+from aigc_jax import model, parallel, sharding
 from aigc_jax.train import optimizer as optim
 from aigc_jax.train.config import TrainConfig
 from aigc_jax.train.step import init_state, train_step
@@ -31,7 +31,7 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_nonfinite_step_is_skipped_and_counted():
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=0)
-    mesh = parallel.make_mesh(jax.devices()[:1])
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
     opt = optim.make(cfg)
     fn = jax.jit(parallel.wrap(functools.partial(train_step, model_config=TINY, train_config=cfg, optimizer=opt),
                                "shard_map", mesh, ("rep", "data"), ("rep", "rep")))

@@ -268,7 +268,7 @@ class Generator:
         else:
             if jax.process_count() > 1:
                 raise UserError("decoding splits the batch over one host's devices; run generate on a single host")
-            self.mesh = mesh if mesh is not None else parallel.make_mesh()
+            self.mesh = mesh if mesh is not None else sharding.make_mesh()
             self.n_devices = self.row_multiple = parallel.local_device_count(self.mesh)
             if mode == "shard_map":  # placed once, not per call
                 self.params = parallel.replicate(self.params, self.mesh)

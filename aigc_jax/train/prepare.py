@@ -172,23 +172,13 @@ def _check_tokenizer(workdir: str, previous: dict, tokenizer: tok.Tokenizer, wha
 
 def _finetune_config(source: configs.ModelConfig, overrides: dict) -> configs.ModelConfig:
     """The source's config; only runtime keys may change (the architecture is what the weights are)."""
-    architecture = sorted(k for k in overrides if k not in configs.RUNTIME_KEYS)
-    if architecture:
-        same = all(str(getattr(source, k, None)).lower() == str(overrides[k]).lower() for k in architecture)
-        if not same:
-            key = architecture[0]
-            raise UserError(f"cannot change model.{key} of the model being fine-tuned (it is {getattr(source, key, None)!r}); "
-                            f"only runtime keys may change: {', '.join(configs.RUNTIME_KEYS)}")
-        overrides = {k: v for k, v in overrides.items() if k in configs.RUNTIME_KEYS}
-    return configs.with_overrides(source, overrides, "model.") if overrides else source
+    overrides = configs.check_overrides(source, overrides, "the model being fine-tuned")
+    return configs.Runtime.of(source).with_overrides(overrides).apply(source) if overrides else source
 
 
 def _settings_line(mcfg, tcfg: TrainConfig, init_from: str | None, overrides: dict) -> str:
     """The effective settings, said once at start: what a run trains is never a guess."""
-    dtype = configs.compute_dtype(mcfg).name
-    runtime = (f"dtype={dtype}{' (auto)' if mcfg.dtype == 'auto' else ''} param_dtype={mcfg.param_dtype} "
-               f"dropout={mcfg.dropout} attn_dropout={mcfg.attn_dropout} attention={mcfg.attention} "
-               f"remat={mcfg.remat} scan_layers={mcfg.scan_layers}")
+    runtime = configs.Runtime.of(mcfg).describe()
     origin = f"fine-tuning {init_from} (its config; set here: {', '.join(sorted(overrides)) or 'nothing'})" \
         if init_from else f"{mcfg.family} {mcfg.n_layer}x{mcfg.n_embd}"
     lr = f"lr={tcfg.lr:g} {tcfg.schedule} warmup={tcfg.warmup_steps}"

@@ -6,7 +6,7 @@ import functools
 import jax
 import numpy as np
 
-from aigc_jax import configs, model, parallel
+from aigc_jax import configs, model, parallel, sharding
 from aigc_jax.train import optimizer as optim
 from aigc_jax.train.step import init_state, train_step
 
@@ -22,7 +22,7 @@ def batch(seed, rows, T=16, vocab=61):
 
 
 def run_steps(mode, devices, steps, train_config, batches):
-    mesh = parallel.make_mesh(devices)
+    mesh = sharding.make_mesh(devices=devices)
     opt = optim.make(train_config)
     fn = parallel.wrap(functools.partial(train_step, model_config=TINY, train_config=train_config, optimizer=opt),
                        mode, mesh, ("rep", "data"), ("rep", "rep"))
@@ -57,7 +57,7 @@ def our_step(config, params, tokens, tc):
     """Our train step on one device, all targets weighted: (new params in HF names, metrics)."""
     from aigc_jax.interop import hf
 
-    mesh = parallel.make_mesh(jax.devices()[:1])
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
     opt = optim.make(tc)
     fn = parallel.wrap(functools.partial(train_step, model_config=config, train_config=tc, optimizer=opt),
                        "shard_map", mesh, ("rep", "data"), ("rep", "rep"))
