@@ -11,6 +11,9 @@
 Every tokenizer is saved as a `tokenizer.json` that `load()` restores exactly (plus tokenizer_config.json,
 generation_config.json and chat_template.jinja when it has more than GPT-2's `<|endoftext|>` to say), and its
 end-of-text token separates documents.
+
+Over 300 lines because reading an HF tokenizer dir (special tokens, add-BOS/EOS flags, EOS ids, chat template) is
+part of what `Tokenizer` is: its save and its load are written together so that one restores the other exactly.
 """
 
 from __future__ import annotations

@@ -33,34 +33,8 @@ def register(sub) -> None:
                    help="--model names a preset: run it with random weights (smoke tests, timing)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F", help="a UTF-8 file with one prompt per line (blank lines skipped)")
-    chat = p.add_argument_group("chat (the model's chat template, rendered as HF's apply_chat_template)")
-    chat.add_argument("--chat-template", metavar="FILE",
-                      help="a Jinja chat template to use instead of the model's own (as `serve --chat-template`)")
-    chat.add_argument("--chat", action="store_true", help="generate the assistant's reply to a conversation given "
-                      "by --messages or --system/--user/--assistant (prints the reply only)")
-    chat.add_argument("--messages", metavar="F", help='JSON lines, one {"role": ..., "content": ...} per line '
-                      "('-' = stdin); implies --chat")
-    for role in ("system", "user", "assistant"):
-        chat.add_argument(f"--{role}", metavar="TEXT", action=_Message, dest="conversation", default=[],
-                          help=f"a {role} message, in order with the others (repeatable); implies --chat")
-    model_default = "default: the model's generation_config.json, else "
-    p.add_argument("--max-new-tokens", type=int, default=None, help=model_default + str(CLI_MAX_NEW_TOKENS))
-    p.add_argument("--min-new-tokens", type=int, default=None, help="end-of-text is suppressed before this many "
-                   "tokens")
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"> 0 samples, 0 = greedy ({model_default}greedy; --top-k/--top-p/--min-p alone sample at 1)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--min-p", type=float, default=None,
-                   help="drop tokens less likely than this fraction of the most likely one's probability (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="> 1 discourages tokens already in the prompt or the output, as HF's (1 = off)")
-    p.add_argument("--num-beams", type=int, default=None, help="> 1: beam search (deterministic)")
-    p.add_argument("--num-return-sequences", type=int, default=None, metavar="N",
-                   help="N continuations per prompt: N samples, or the N best beams (needs --num-beams >= N)")
-    p.add_argument("--length-penalty", type=float, default=None, help="beam score = log-prob / length ** this")
-    p.add_argument("--early-stopping", default=None, choices=["true", "false", "never"],
-                   help="beam search stopping rule, as HF's early_stopping")
+    _add_chat_args(p)
+    _add_decoding_args(p)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text before this string and stop generating (repeatable)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS ids (<|endoftext|>, …)")
@@ -82,6 +56,41 @@ def register(sub) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override a runtime model key: dtype, attention, scan_layers (repeatable)")
     p.set_defaults(func=run)
+
+
+def _add_chat_args(p) -> None:
+    chat = p.add_argument_group("chat (the model's chat template, rendered as HF's apply_chat_template)")
+    chat.add_argument("--chat-template", metavar="FILE",
+                      help="a Jinja chat template to use instead of the model's own (as `serve --chat-template`)")
+    chat.add_argument("--chat", action="store_true", help="generate the assistant's reply to a conversation given "
+                      "by --messages or --system/--user/--assistant (prints the reply only)")
+    chat.add_argument("--messages", metavar="F", help='JSON lines, one {"role": ..., "content": ...} per line '
+                      "('-' = stdin); implies --chat")
+    for role in ("system", "user", "assistant"):
+        chat.add_argument(f"--{role}", metavar="TEXT", action=_Message, dest="conversation", default=[],
+                          help=f"a {role} message, in order with the others (repeatable); implies --chat")
+
+
+def _add_decoding_args(p) -> None:
+    """The decoding settings; those not given come from the model's generation_config.json."""
+    model_default = "default: the model's generation_config.json, else "
+    p.add_argument("--max-new-tokens", type=int, default=None, help=model_default + str(CLI_MAX_NEW_TOKENS))
+    p.add_argument("--min-new-tokens", type=int, default=None, help="end-of-text is suppressed before this many "
+                   "tokens")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"> 0 samples, 0 = greedy ({model_default}greedy; --top-k/--top-p/--min-p alone sample at 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this fraction of the most likely one's probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages tokens already in the prompt or the output, as HF's (1 = off)")
+    p.add_argument("--num-beams", type=int, default=None, help="> 1: beam search (deterministic)")
+    p.add_argument("--num-return-sequences", type=int, default=None, metavar="N",
+                   help="N continuations per prompt: N samples, or the N best beams (needs --num-beams >= N)")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam score = log-prob / length ** this")
+    p.add_argument("--early-stopping", default=None, choices=["true", "false", "never"],
+                   help="beam search stopping rule, as HF's early_stopping")
 
 
 class _Message(argparse.Action):
