@@ -102,3 +102,36 @@ def test_one_adamw_step_on_hf_weights_equals_torch(tmp_path):
             np.testing.assert_array_less(np.abs(value[d:2 * d] - want[d:2 * d]), 2 * tc.lr)
             value, want = np.delete(value, np.s_[d:2 * d]), np.delete(want, np.s_[d:2 * d])
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_new_objective_gets_accumulation_and_the_global_mean_from_the_step():
+    """An objective reading its own batch field ("row_weight"), run with grad_accum=2, takes the step that a
+    plain jax.grad of its global mean (summed loss / summed weight over the whole batch) gives to the optimizer."""
+    import jax.numpy as jnp
+    import optax
+
+    from aigc_jax.train.step import loss_sums
+
+    def weighted_rows(params, b, config, train=False, dropout_rng=None):
+        nll, _ = loss_sums(params, {**b, "loss_mask": b["loss_mask"] * b["row_weight"][:, None]}, config)
+        return nll, jnp.sum(b["row_weight"])
+
+    # Adam's eps=1: an update of ~lr·g rather than ~lr·sign(g), which rounding flips where g is ~0.
+    cfg = TrainConfig(steps=1, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=0, grad_accum=2, grad_clip=0.0, eps=1.0)
+    opt = optim.make(cfg)
+    step = jax.jit(functools.partial(train_step, model_config=TINY, train_config=cfg, optimizer=opt, axis=None,
+                                     objective=weighted_rows))
+    params = model.init_params(TINY, jax.random.key(0))
+    b = {**batch(0, 4), "row_weight": np.array([1.0, 0.0, 2.0, 0.5], np.float32)}
+    new, metrics = step(init_state(params, opt, 0), b)
+
+    def global_mean(p):
+        nll, w = weighted_rows(p, b, TINY)
+        return nll / w
+
+    loss, grads = jax.value_and_grad(global_mean)(params)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(grads)), rtol=1e-5)
+    expected, _ = opt.update(grads, opt.init(params), params)
+    jax.tree.map(lambda a, p, u: np.testing.assert_allclose(a, p + u, rtol=1e-4, atol=1e-6), new.params, params,
+                 expected)

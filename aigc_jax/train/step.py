@@ -7,6 +7,12 @@ device is the 1-device case of either. Batches are dicts: `tokens` int32 [B, T+1
 where loss_mask[b, t] weights the prediction of tokens[b, t+1]; optional `stop` int32 [B] (a host's preemption flag,
 reduced so every host sees it at the same step).
 
+The objective is a function `(params, batch, config, train, dropout_rng) -> (summed loss, summed weight)`
+(`Objective`; `loss_sums`, next-token cross-entropy, by default). The step splits every batch field into
+micro-batches, sums both numbers over micro-batches and devices and divides once, so a new objective (a preference
+loss, say) gets gradient accumulation, every parallel layout, the non-finite guard and exact global means without
+touching this file: it names the batch fields it reads, and the data pipeline provides them.
+
 Loss rule: the global mean over every weighted token of the step, sum(nll·w) / sum(w), with both sums
 taken over micro-batches and devices. This is exact for uneven masks (prompt→completion data),
 where a mean of per-device means would not be, and makes 1 device and N devices compute the same number.
@@ -16,6 +22,7 @@ or micro-batching gives the same numbers with dropout on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -47,8 +54,13 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
     )
 
 
+# (params, batch, config, train, dropout_rng) -> (summed loss, summed weight); see the module docstring.
+Objective = Callable[..., tuple[jax.Array, jax.Array]]
+
+
 def loss_sums(params, batch: dict, config, train: bool = False, dropout_rng=None):
-    """(sum of weighted next-token NLL, sum of weights) for one batch (`rows`: its rows' global places)."""
+    """The next-token objective: (sum of weighted next-token NLL, sum of weights) for one batch (`rows`: its rows'
+    global places)."""
     tokens_BxT1 = batch["tokens"]
     logits_BxTxV, _ = forward(params, tokens_BxT1[:, :-1], config, train=train, dropout_rng=dropout_rng,
                               dropout_rows=batch.get("rows"))
@@ -64,13 +76,12 @@ def _reducer(axis: str | None):
 
 
 def train_step(state: TrainState, batch: dict, *, model_config, train_config: TrainConfig,
-               optimizer: optax.GradientTransformation, axis: str | None = AXIS):
+               optimizer: optax.GradientTransformation, axis: str | None = AXIS, objective: Objective = loss_sums):
     """One optimizer step; returns (new state, replicated metrics)."""
     accum = train_config.grad_accum
     B = batch["tokens"].shape[0]
     first_row = lax.axis_index(axis) * B if axis else 0
-    rows = {"tokens": batch["tokens"], "loss_mask": batch["loss_mask"],
-            "rows": first_row + jnp.arange(B, dtype=jnp.int32)}
+    rows = {**{k: v for k, v in batch.items() if k != "stop"}, "rows": first_row + jnp.arange(B, dtype=jnp.int32)}
     # Strided micro-batches (rows i, i + accum, …): a batch dimension split over devices stays split in each.
     micro = jax.tree.map(lambda x: x.reshape(B // accum, accum, *x.shape[1:]).swapaxes(0, 1), rows)
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -82,7 +93,7 @@ def train_step(state: TrainState, batch: dict, *, model_config, train_config: Tr
                                                                     state.params)
 
     def grads_and_sums(mb):
-        loss_fn = lambda p: loss_sums(p, mb, model_config, True, key)
+        loss_fn = lambda p: objective(p, mb, model_config, True, key)
         (nll, w), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params)
         return g, nll, w
 
@@ -115,7 +126,7 @@ def train_step(state: TrainState, batch: dict, *, model_config, train_config: Tr
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: dict, *, model_config, axis: str | None = AXIS):
+def eval_step(params, batch: dict, *, model_config, axis: str | None = AXIS, objective: Objective = loss_sums):
     """{"nll": sum, "tokens": sum of weights} over every device's rows (replicated)."""
-    nll, w = _reducer(axis)(loss_sums(params, batch, model_config))
+    nll, w = _reducer(axis)(objective(params, batch, model_config))
     return {"nll": nll, "tokens": w}
