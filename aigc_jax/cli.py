@@ -15,12 +15,12 @@ from aigc_jax import compile_cache
 from aigc_jax.errors import UserError
 
 COMMANDS = [
-    "aigc_jax.info",  # info
-    "aigc_jax.train.cli",  # train, eval
-    "aigc_jax.demo",  # demo
-    "aigc_jax.decode.cli",  # generate
-    "aigc_jax.interop.cli",  # convert
-    "aigc_jax.serve.cli",  # serve
+    "aigc_jax.commands.info",  # info
+    "aigc_jax.commands.train",  # train, eval
+    "aigc_jax.commands.demo",  # demo
+    "aigc_jax.commands.generate",  # generate
+    "aigc_jax.commands.convert",  # convert
+    "aigc_jax.commands.serve",  # serve
 ]
 
 

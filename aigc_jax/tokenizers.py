@@ -273,11 +273,14 @@ def _eos_ids(value) -> list[int]:
     return ids
 
 
+# The decoding keys of generation_config.json that `generate` reads as the model's defaults (decode/config.py).
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
+                   "min_new_tokens", "num_beams", "num_return_sequences", "length_penalty", "early_stopping")
+
+
 def _decoding_settings(generation: dict) -> dict:
     """The decoding keys of generation_config.json (null values dropped), checked to be numbers or booleans."""
-    from aigc_jax.decode.config import HF_KEYS
-
-    settings = {k: v for k, v in generation.items() if k in HF_KEYS and v is not None}
+    settings = {k: v for k, v in generation.items() if k in GENERATION_KEYS and v is not None}
     for k, v in settings.items():
         ok = isinstance(v, bool) if k == "do_sample" else v == "never" or isinstance(v, (int, float))
         if not ok:

@@ -49,7 +49,7 @@ def default_dirs(args, name: str) -> tuple[str, str]:
 def apply_overrides(model_config, train_config, items: list[str]):
     """`--set k=v` on top of a recipe, with the library's own key and type checks."""
     from aigc_jax.configs import with_overrides
-    from aigc_jax.train.cli import split_overrides
+    from aigc_jax.commands.train import split_overrides
 
     model_over, train_over = split_overrides(items)
     return with_overrides(model_config, model_over, "model."), with_overrides(train_config, train_over, "train.")

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
                            run.tokenizer)  # exactly the weights the run starts from
     else:
         # The source's architecture and runtime settings; this recipe fine-tunes without dropout, plus any --set.
-        from aigc_jax.train.cli import split_overrides
+        from aigc_jax.commands.train import split_overrides
 
         model_over, train_over = split_overrides(args.set)
         train_config = configs.with_overrides(train_config, train_over, "train.")

@@ -177,7 +177,7 @@ def test_a_flag_that_contradicts_the_workdir_is_named(small_data, tmp_path, caps
 def test_a_new_run_without_flags_gets_the_defaults(tmp_path):
     from aigc_jax import configs
     from aigc_jax.cli import build_parser
-    from aigc_jax.train.cli import build_configs
+    from aigc_jax.commands.train import build_configs
 
     settings = build_configs(build_parser().parse_args(["train", "--workdir", str(tmp_path / "new")]))
     assert settings.model_config == configs.get_preset("baby")

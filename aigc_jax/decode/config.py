@@ -22,6 +22,7 @@ import secrets
 from typing import Literal
 
 from aigc_jax.errors import UserError
+from aigc_jax.tokenizers import GENERATION_KEYS
 
 EarlyStopping = bool | Literal["never"]
 MIN_BUCKET = 16
@@ -157,8 +158,7 @@ class GenerationConfig:
 
 
 # generation_config.json keys that `from_hf` reads (the ones with a GenerationConfig counterpart).
-HF_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
-           "min_new_tokens", "num_beams", "num_return_sequences", "length_penalty", "early_stopping")
+HF_KEYS = GENERATION_KEYS  # the decoding keys of generation_config.json
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p")
 
 

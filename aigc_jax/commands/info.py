@@ -41,7 +41,7 @@ def run(args) -> int:
     from aigc_jax import model
     from aigc_jax.decode import plan as decode_plan
     from aigc_jax.train import layout, optimizer
-    from aigc_jax.train.cli import split_overrides
+    from aigc_jax.commands.train import split_overrides
     from aigc_jax.train.config import TrainConfig
 
     model_over, train_over = split_overrides(args.set)
