@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 
+from aigc_jax.commands import add_weights_args
 from aigc_jax.errors import UserError
 
 CLI_MAX_NEW_TOKENS = 64  # for a model whose generation_config.json does not say
@@ -26,11 +27,7 @@ def register(sub) -> None:
         "come from the model's generation_config.json as HF reads it (e.g. Llama 3 Instruct samples with "
         "temperature 0.6, top-p 0.9 and HF's top-k 50); a model without one decodes greedily, as HF does.",
     )
-    p.add_argument("--model", required=True, metavar="SRC",
-                   help="aigc_jax model dir, training workdir, or HF GPT-2/Llama/Qwen2/Mistral dir; a preset name "
-                   "only with --random-init")
-    p.add_argument("--random-init", action="store_true",
-                   help="--model names a preset: run it with random weights (smoke tests, timing)")
+    add_weights_args(p, "run")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F", help="a UTF-8 file with one prompt per line (blank lines skipped)")
     _add_chat_args(p)

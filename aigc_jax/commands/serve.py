@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+from aigc_jax.commands import add_weights_args
 from aigc_jax.errors import UserError
 
 API_KEY_ENV = "AIGC_JAX_API_KEY"
@@ -24,11 +25,7 @@ def register(sub) -> None:
         "running decode batch as slots free up. There is no authentication unless --api-key is given: keep the "
         "default loopback --host, or put the server behind one that authenticates.",
     )
-    p.add_argument("--model", required=True, metavar="SRC",
-                   help="aigc_jax model dir, training workdir, or HF GPT-2/Llama/Qwen2/Mistral dir (needs a "
-                   "tokenizer); a preset name only with --random-init")
-    p.add_argument("--random-init", action="store_true",
-                   help="--model names a preset: serve it with random weights (smoke tests, timing)")
+    add_weights_args(p, "serve", needs=" (with a tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="decode slots: sequences generated at once")

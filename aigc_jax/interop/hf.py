@@ -45,7 +45,7 @@ def config_from_hf(d: dict):
 def config_to_hf(config, tokenizer: tok.Tokenizer | None = None, dtype: str = "float32") -> dict:
     """The config.json that makes the family's HF class compute what our Decoder computes; the special token ids
     come from `tokenizer`. Refuses, by name, what that class cannot represent."""
-    return registry.for_config(config).hf.config_to_hf(config, tokenizer, dtype)
+    return registry.for_config(config).hf.export_config(config, tokenizer, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,11 +64,11 @@ def params_from_hf(state: dict, config):
     state = conversion.import_state({k: _to_numpy(v) for k, v in state.items()}, config)
     flat = {}
     for path, shape in _expected_shapes(config).items():
-        name = conversion.weight_name(path)
+        name = conversion.hf_name(path)
         if name not in state:
             raise UserError(f"weight {name} is missing from the checkpoint (config.json says "
                             f"{conversion.missing_hint(config)})")
-        w = conversion.weight_from_hf(path, state.pop(name), shape, config)
+        w = conversion.from_hf(path, state.pop(name), shape, config)
         # C order: a transposed view would reach safetensors (model dirs) as its raw, transposed buffer.
         flat[path] = np.ascontiguousarray(w.astype(_np_dtype(config.param_dtype)))
     unexpected = sorted(k for k in state if not conversion.ignored(k))
@@ -85,7 +85,7 @@ def to_hf_state_dict(params, config, dtype: str = "float32") -> dict[str, np.nda
     safetensors files store it (transformers re-ties it on load)."""
     out_dtype = _np_dtype(dtype)
     flat = traverse_util.flatten_dict(model.match_layout(params, config.replace(scan_layers=False)))
-    state = registry.for_config(config).hf.export_state(flat, config)
+    state = registry.for_config(config).hf.to_hf_state(flat, config)
     return {name: np.ascontiguousarray(w.astype(out_dtype)) for name, w in state.items()}
 
 

@@ -35,21 +35,30 @@ Path = tuple[str, ...]  # a parameter's path in the unrolled tree, e.g. ("h_0", 
 class HFConversion:
     """A family's HF transformers checkpoints. The generic reader (interop/hf.py) walks the parameters the decoder
     itself creates, so a name map cannot drift from the model: a checkpoint weight nobody asked for is an error
-    unless `ignored`, a parameter the checkpoint lacks is one too."""
+    unless `ignored`, a parameter the checkpoint lacks is one too. A family's hf.py defines each field under its
+    name (`model_types` as MODEL_TYPES), and `from_module` collects them."""
 
     model_types: tuple[str, ...]  # config.json model_type values this family reads
     config_from_hf: Callable[[dict], Config]  # UserError naming any setting the family does not implement
     # (config, tokenizer or None, storage dtype) -> config.json; raises before any file is written, naming what
     # the HF class cannot represent.
-    config_to_hf: Callable[[Config, Any, str], dict]
+    export_config: Callable[[Config, Any, str], dict]
     architecture: Callable[[Config], str]  # the HF class name, for messages
-    weight_name: Callable[[Path], str]  # our path -> the HF state-dict key
+    hf_name: Callable[[Path], str]  # our path -> the HF state-dict key
     import_state: Callable[[dict, Config], dict]  # whole-checkpoint fixes first: name prefixes, a tied LM head
-    weight_from_hf: Callable[[Path, Any, tuple, Config], Any]  # one HF tensor (numpy) -> our layout `shape`
+    from_hf: Callable[[Path, Any, tuple, Config], Any]  # one HF tensor (numpy) -> our layout `shape`
     ignored: Callable[[str], bool]  # checkpoint keys that are not weights (stale buffers)
     missing_hint: Callable[[Config], str]  # what config.json says, for a missing weight's error
-    export_state: Callable[[dict, Config], dict]  # flat unrolled params -> HF state dict (numpy, our dtype)
+    to_hf_state: Callable[[dict, Config], dict]  # flat unrolled params -> HF state dict (numpy, our dtype)
     save_tokenizer: Callable[[str, Any, int], set]  # (dir, tokenizer, max_length) -> the files written
+
+    @classmethod
+    def from_module(cls, module) -> "HFConversion":
+        names = {f.name: "MODEL_TYPES" if f.name == "model_types" else f.name for f in dataclasses.fields(cls)}
+        missing = [attr for attr in names.values() if not hasattr(module, attr)]
+        if missing:
+            raise ValueError(f"{module.__name__} lacks {', '.join(missing)} (see models/registry.py HFConversion)")
+        return cls(**{field: getattr(module, attr) for field, attr in names.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +71,14 @@ class Family:
     lookup_params: Callable[[Config], int]
     presets: Mapping[str, Config]
     hf: HFConversion
+
+    @classmethod
+    def from_modules(cls, config_class: type, presets: Mapping[str, Config], model_module, hf_module) -> "Family":
+        """The record of a family folder laid out as gpt2/ and llama/ are: model.py defines Decoder, LAYER_PREFIX,
+        PARAM_AXES and lookup_params; hf.py every HFConversion field."""
+        return cls(name=config_class.family, config_class=config_class, decoder=model_module.Decoder,
+                   layer_prefix=model_module.LAYER_PREFIX, param_axes=model_module.PARAM_AXES,
+                   lookup_params=model_module.lookup_params, presets=presets, hf=HFConversion.from_module(hf_module))
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -91,14 +91,19 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class Completion(BaseModel):
+class _Response(BaseModel):
+    """What every completion response and chunk carries besides its choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    seed: int | None = None  # the sampling seed used (an extension; null when greedy)
+
+
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    seed: int | None = None  # the sampling seed used (an extension; null when greedy)
 
 
 class TopLogprob(BaseModel):
@@ -120,21 +125,20 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class _ChatChoice(BaseModel):
     index: int
-    message: ChatMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
+class ChatChoice(_ChatChoice):
+    message: ChatMessage
+
+
+class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
-    seed: int | None = None  # the sampling seed used (an extension; null when greedy)
 
 
 class Delta(BaseModel):
@@ -142,21 +146,14 @@ class Delta(BaseModel):
     content: str | None = None
 
 
-class ChunkChoice(BaseModel):
-    index: int
+class ChunkChoice(_ChatChoice):
     delta: Delta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    seed: int | None = None  # the sampling seed used (an extension; null when greedy)
 
 
 class Model(BaseModel):

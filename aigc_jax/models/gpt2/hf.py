@@ -20,6 +20,7 @@ from aigc_jax.errors import UserError
 from aigc_jax.models.gpt2.config import ACTIVATIONS, ModelConfig
 
 ARCHITECTURE = "GPT2LMHeadModel"
+MODEL_TYPES = ("gpt2",)
 
 # GPT2Config's defaults: HF writes config.json without the keys a model leaves at their default.
 _HF_DEFAULTS = {
@@ -172,6 +173,14 @@ def to_hf_state(flat: dict, config: ModelConfig) -> dict[str, np.ndarray]:
             w = w.reshape(w.shape[0], -1) if path[-1] == "kernel" else w.reshape(-1)
         state["transformer." + hf_name(path)] = w
     return state
+
+
+def architecture(config: ModelConfig) -> str:
+    return ARCHITECTURE
+
+
+def missing_hint(config: ModelConfig) -> str:
+    return f"n_layer={config.n_layer}"
 
 
 def ignored(name: str) -> bool:

@@ -22,8 +22,9 @@ import numpy as np
 from aigc_jax import fileio
 from aigc_jax.dictconfig import from_dict
 from aigc_jax.errors import UserError
-from aigc_jax.models.llama.config import LlamaConfig
+from aigc_jax.models.llama.config import HF_LLAMA_TYPES, LlamaConfig
 
+MODEL_TYPES = HF_LLAMA_TYPES
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 # The defaults of LlamaConfig / Qwen2Config / MistralConfig in transformers 5.24 (tests check them against it).
@@ -244,7 +245,7 @@ def _to_hf(path: tuple[str, ...], w: np.ndarray, vocab_size: int) -> np.ndarray:
     return w.reshape(-1)
 
 
-def untie(state: dict, config: LlamaConfig) -> dict:
+def import_state(state: dict, config: LlamaConfig) -> dict:
     """A tied model's checkpoint may or may not carry lm_head.weight; if it does it must be the embedding."""
     if not config.tie_word_embeddings or "lm_head.weight" not in state:
         return state
