@@ -1,4 +1,9 @@
-"""`aigc-jax convert`: HF dir (GPT-2, Llama, Qwen2, Mistral) -> aigc_jax model dir, and any model source -> HF dir."""
+"""`aigc-jax convert`: HF dir (GPT-2, Llama, Qwen2, Mistral) -> aigc_jax model dir, and any model source -> HF dir.
+
+--from-hf DIR: HF GPT-2/Llama/Qwen2/Mistral dir (config.json + model.safetensors, sharded safetensors or
+pytorch_model.bin + tokenizer files) -> aigc_jax model dir. --to-hf SRC: a model dir, training workdir or HF dir ->
+an HF dir that transformers' AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,12 @@ from aigc_jax.configs import DTYPES
 from aigc_jax.errors import UserError
 
 
+HELP = "convert between HF directories (GPT-2, Llama, Qwen2, Mistral) and aigc_jax model dirs"
+DESCRIPTION = " ".join(__doc__.split("\n\n", 1)[1].split())  # the help is the docstring's second part
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "convert",
-        help="convert between HF directories (GPT-2, Llama, Qwen2, Mistral) and aigc_jax model dirs",
-        description="--from-hf DIR: HF GPT-2/Llama/Qwen2/Mistral dir (config.json + model.safetensors, sharded "
-        "safetensors or pytorch_model.bin + tokenizer "
-        "files) -> aigc_jax model dir. --to-hf SRC: a model dir, training workdir or HF dir -> an HF dir that "
-        "transformers' AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.",
-    )
+    p = subparsers.add_parser("convert", help=HELP, description=DESCRIPTION)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-hf", metavar="DIR", help="local HF model directory to import")
     src.add_argument("--to-hf", metavar="SRC", help="model dir, training workdir or HF dir to export")

@@ -18,15 +18,17 @@ _KNOBS = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "
           "num_beams", "num_return_sequences", "length_penalty", "early_stopping", "seed")
 
 
+HELP = "generate text: greedy, sampling (--temperature), or beam search (--num-beams)"
+DESCRIPTION = (
+    "Continues each prompt with the model. Decoding runs on device (one compiled loop per "
+    "shape bucket) and matches HF transformers' generate token for token. Decoding settings not given here "
+    "come from the model's generation_config.json as HF reads it (e.g. Llama 3 Instruct samples with "
+    "temperature 0.6, top-p 0.9 and HF's top-k 50); a model without one decodes greedily, as HF does."
+)
+
+
 def register(sub) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="generate text: greedy, sampling (--temperature), or beam search (--num-beams)",
-        description="Continues each prompt with the model. Decoding runs on device (one compiled loop per "
-        "shape bucket) and matches HF transformers' generate token for token. Decoding settings not given here "
-        "come from the model's generation_config.json as HF reads it (e.g. Llama 3 Instruct samples with "
-        "temperature 0.6, top-p 0.9 and HF's top-k 50); a model without one decodes greedily, as HF does.",
-    )
+    p = sub.add_parser("generate", help=HELP, description=DESCRIPTION)
     add_weights_args(p, "run")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="F", help="a UTF-8 file with one prompt per line (blank lines skipped)")

@@ -17,14 +17,16 @@ from aigc_jax.errors import UserError
 API_KEY_ENV = "AIGC_JAX_API_KEY"
 
 
+HELP = "serve a model over an OpenAI-compatible HTTP API (continuous batching)"
+DESCRIPTION = (
+    "Serves /v1/completions, /v1/chat/completions, /v1/models and /health. Requests join the "
+    "running decode batch as slots free up. There is no authentication unless --api-key is given: keep the "
+    "default loopback --host, or put the server behind one that authenticates."
+)
+
+
 def register(sub) -> None:
-    p = sub.add_parser(
-        "serve",
-        help="serve a model over an OpenAI-compatible HTTP API (continuous batching)",
-        description="Serves /v1/completions, /v1/chat/completions, /v1/models and /health. Requests join the "
-        "running decode batch as slots free up. There is no authentication unless --api-key is given: keep the "
-        "default loopback --host, or put the server behind one that authenticates.",
-    )
+    p = sub.add_parser("serve", help=HELP, description=DESCRIPTION)
     add_weights_args(p, "serve", needs=" (with a tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)

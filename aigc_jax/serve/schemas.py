@@ -97,13 +97,13 @@ class _Response(BaseModel):
     id: str
     created: int
     model: str
+    usage: Usage | None = None
     seed: int | None = None  # the sampling seed used (an extension; null when greedy)
 
 
 class Completion(_Response):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class TopLogprob(BaseModel):
@@ -138,7 +138,7 @@ class ChatChoice(_ChatChoice):
 class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
-    usage: Usage
+    usage: Usage  # always present here
 
 
 class Delta(BaseModel):
@@ -153,7 +153,6 @@ class ChunkChoice(_ChatChoice):
 class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChunkChoice]
-    usage: Usage | None = None
 
 
 class Model(BaseModel):
