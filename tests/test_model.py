@@ -1,4 +1,5 @@
-"""The decoder on its own: sizes, causality, KV-cache equivalence, dtypes, attention backends, config errors."""
+"""GPT-2's decoder on its own: sizes, init, padded vocabulary, dtypes, attention backends, config errors (what every
+family must do is tests/test_families.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -61,113 +62,9 @@ def test_init_follows_gpt2(params):
     assert "lm_head" not in p  # tied to wte
 
 
-def test_causality(params):
-    tokens = rand_tokens(1, (2, 16))
-    base, _ = forward(params, tokens, TINY)
-    for t in (0, 7, 15):
-        changed = tokens.at[:, t].set((tokens[:, t] + 1) % TINY.vocab_size)
-        logits, _ = forward(params, changed, TINY)
-        np.testing.assert_array_equal(logits[:, :t], base[:, :t])
-        assert not np.allclose(logits[:, t:], base[:, t:])
-
-
-def test_cache_prefill_then_decode_equals_full_forward(params):
-    tokens = rand_tokens(2, (3, 20))
-    full, _ = forward(params, tokens, TINY)
-    cache = model.KVCache.init(TINY, 3, max_len=32)
-    logits, cache = forward(params, tokens[:, :8], TINY, cache=cache)
-    steps = [logits]
-    for t in range(8, 20):
-        logits, cache = forward(params, tokens[:, t : t + 1], TINY, cache=cache)
-        steps.append(logits)
-    assert int(cache.index) == 20
-    np.testing.assert_allclose(jnp.concatenate(steps, 1)[..., :101], full[..., :101], atol=1e-5, rtol=0)
-
-
-def test_left_padded_batch_matches_unpadded_rows(params):
-    lengths = [5, 9, 2]
-    T, new = max(lengths), 6
-    rows = [rand_tokens(10 + i, (1, n + new))[0] for i, n in enumerate(lengths)]
-    tokens = np.zeros((3, T), np.int32)
-    mask = np.zeros((3, T), bool)
-    for i, n in enumerate(lengths):
-        tokens[i, T - n :] = rows[i][:n]
-        mask[i, T - n :] = True
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    cache = model.KVCache.init(TINY, 3, max_len=T + new)
-    logits, cache = forward(params, tokens, TINY, positions_BxT=positions, cache=cache, mask_BxT=mask)
-    # Also the cache-free forward with the same mask gives the same prefill logits.
-    nocache, _ = forward(params, tokens, TINY, positions_BxT=positions, mask_BxT=mask)
-    np.testing.assert_allclose(nocache[mask], logits[mask], atol=1e-5)
-    per_step = [logits[:, -1]]
-    pos = positions[:, -1]
-    for s in range(new - 1):
-        pos = pos + 1
-        step_tokens = np.stack([rows[i][lengths[i] + s] for i in range(3)])[:, None]
-        out, cache = forward(params, step_tokens, TINY, positions_BxT=pos[:, None], cache=cache)
-        per_step.append(out[:, 0])
-    for i, n in enumerate(lengths):
-        ref, _ = forward(params, rows[i][None, : n + new - 1], TINY)
-        got = jnp.stack([step[i] for step in per_step])
-        np.testing.assert_allclose(got[:, :101], ref[0, n - 1 :, :101], atol=1e-5, rtol=0)
-
-
-def test_scan_layers_equals_unrolled(params):
-    scan_cfg = TINY.replace(scan_layers=True)
-    stacked = model.match_layout(params, scan_cfg)
+def test_scanned_layout_keeps_the_fused_qkv_heads(params):
+    stacked = model.match_layout(params, TINY.replace(scan_layers=True))
     assert stacked["h"]["attn"]["c_attn"]["kernel"].shape == (3, 32, 3, 4, 8)  # [L, D, q|k|v, H, Dh]
-    tokens = rand_tokens(3, (2, 12))
-    a, _ = forward(params, tokens, TINY)
-    b, _ = forward(stacked, tokens, scan_cfg)
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    cache = model.KVCache.init(scan_cfg, 2, 16)
-    c, cache = forward(stacked, tokens[:, :7], scan_cfg, cache=cache)
-    d, _ = forward(stacked, tokens[:, 7:], scan_cfg, cache=cache)
-    np.testing.assert_allclose(jnp.concatenate([c, d], 1), a, atol=1e-5)
-    back = model.match_layout(stacked, TINY)
-    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), back, dict(params)))
-
-
-@pytest.mark.parametrize("scan", [False, True])
-def test_per_row_cache_rows_at_different_lengths_equal_full_forward(params, scan):
-    """A cache with one write index per row (what a serving engine keeps: each slot at its own length): rows
-    prefilled to different lengths and then decoded together give each row's own full-forward logits."""
-    cfg = TINY.replace(scan_layers=scan)
-    p = model.match_layout(params, cfg)
-    lengths, new = [3, 7], 5
-    rows = [rand_tokens(30 + i, (1, n + new))[0] for i, n in enumerate(lengths)]
-    cache = model.KVCache.init(cfg, 2, 16, per_row=True)
-    for i, n in enumerate(lengths):  # prefill each row alone, writing only into its own slot
-        one = jax.tree.map(lambda x: x[:, i:i + 1] if x.ndim == 5 else x[i:i + 1], cache)
-        _, one = forward(p, rows[i][None, :n], cfg, cache=one)
-        cache = jax.tree.map(lambda full, part: full.at[:, i:i + 1].set(part) if full.ndim == 5
-                             else full.at[i:i + 1].set(part), cache, one)
-    assert cache.index.tolist() == lengths
-    got = []
-    for s in range(new):
-        step = np.stack([rows[i][lengths[i] + s] for i in range(2)])[:, None]
-        out, cache = forward(p, step, cfg, cache=cache)
-        got.append(out[:, 0])
-    for i, n in enumerate(lengths):
-        ref, _ = forward(p, rows[i][None], cfg)
-        np.testing.assert_allclose(jnp.stack([g[i] for g in got]), ref[0, n:], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
-@pytest.mark.parametrize("scan", [False, True])
-def test_remat_keeps_gradients(params, remat, scan):
-    tokens = rand_tokens(4, (2, 10))
-
-    def loss(p, cfg):
-        logits, _ = model.forward(p, tokens, cfg)
-        return jnp.mean(jax.nn.logsumexp(logits, -1))
-
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
-    cfg = TINY.replace(scan_layers=scan)
-    p = model.match_layout(params, cfg)
-    ref = grad(p, cfg)
-    got = grad(p, cfg.replace(remat=remat))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ref, got)
 
 
 def test_padded_vocab_never_wins(params):
@@ -200,19 +97,6 @@ def test_bf16_compute_returns_fp32_logits(params):
     assert cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16
     out, _ = forward(params, tokens, cfg, cache=cache)
     assert out.dtype == jnp.float32
-
-
-def test_dropout_only_in_training(params):
-    cfg = TINY.replace(dropout=0.3, attn_dropout=0.3)
-    tokens = rand_tokens(7, (2, 16))
-    ref, _ = forward(params, tokens, TINY)
-    eval_logits, _ = forward(params, tokens, cfg)
-    np.testing.assert_array_equal(eval_logits, ref)
-    a, _ = forward(params, tokens, cfg, train=True, dropout_rng=jax.random.key(1))
-    b, _ = forward(params, tokens, cfg, train=True, dropout_rng=jax.random.key(1))
-    c, _ = forward(params, tokens, cfg, train=True, dropout_rng=jax.random.key(2))
-    np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, c) and not np.allclose(a, ref)
 
 
 def test_auto_backend_exists_here():
