@@ -18,7 +18,7 @@ def resolve_backend(name: str, dtype, head_dim: int, *, needs_mask: bool = False
 
     `needs_mask`: the call needs an arbitrary mask (left padding, KV cache); `dropout`: attention dropout is
     active. cuDNN here only serves the plain causal, unmasked, dropout-free case (training and scoring on
-    packed sequences), which is where its speed matters.
+    packed sequences without segment ids, whose mask it cannot take), which is where its speed matters.
     """
     dtype = jnp.dtype(dtype)
     cudnn_ok = (

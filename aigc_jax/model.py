@@ -43,13 +43,17 @@ def forward(
     train: bool = False,
     dropout_rng: jax.Array | None = None,
     dropout_rows: jax.Array | None = None,
+    segment_ids_BxT: jax.Array | None = None,
 ):
     """`(logits_BxTxV, cache)`; a plain function so it can be jitted, pmapped or differentiated directly.
     Dropout (train=True) draws row b's masks from (dropout_rng, dropout_rows[b]): pass each row's place in the
-    global batch and every batch layout draws the same masks (default: 0..B-1)."""
+    global batch and every batch layout draws the same masks (default: 0..B-1).
+    `segment_ids_BxT` packs several examples into a row (no cache): a token attends only to tokens of its own
+    segment; pass positions_BxT restarting at 0 for each example, and each gets the logits it would get alone."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return family(config).decoder(config).apply(
-        {"params": params}, tokens_BxT, positions_BxT, cache, mask_BxT, train, dropout_rows, rngs=rngs
+        {"params": params}, tokens_BxT, positions_BxT, cache, mask_BxT, train, dropout_rows, segment_ids_BxT,
+        rngs=rngs
     )
 
 

@@ -144,13 +144,19 @@ def update_layer(layer_kv, k_BxHxDxT: jax.Array, v_BxHxTxD: jax.Array, index: ja
 
 
 def attention_mask(positions_BxT: jax.Array, mask_BxT: jax.Array | None, cache: KVCache | None,
-                   window: int | None = None) -> jax.Array | None:
+                   window: int | None = None, segment_ids_BxT: jax.Array | None = None) -> jax.Array | None:
     """[B, T, S] bool "query t may see key s", or None for the plain causal case (which cuDNN serves).
 
     With a cache, `cache.pos` already holds the T new tokens. Without one, keys are the T tokens themselves.
+    `segment_ids_BxT` packs several examples into a row: a query sees only keys of its own segment, so with
+    positions restarting at 0 per example each one attends as if it were alone.
     """
+    if segment_ids_BxT is not None and cache is not None:
+        # The cache records positions, not segments: earlier examples' keys would stay visible to later ones.
+        raise ValueError("segment_ids_BxT packs examples for a cache-free forward (training, scoring); "
+                         "a KV cache holds one sequence per row: pass segment_ids_BxT=None with a cache")
     if cache is None:
-        if mask_BxT is None and window is None:
+        if mask_BxT is None and window is None and segment_ids_BxT is None:
             return None
         kv_pos_BxS = positions_BxT if mask_BxT is None else jnp.where(mask_BxT, positions_BxT, -1)
     else:
@@ -159,4 +165,6 @@ def attention_mask(positions_BxT: jax.Array, mask_BxT: jax.Array | None, cache: 
     allowed = (kv_Bx1xS >= 0) & (kv_Bx1xS <= q_BxTx1)
     if window is not None:
         allowed &= q_BxTx1 - kv_Bx1xS < window
+    if segment_ids_BxT is not None:
+        allowed &= segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
     return allowed

@@ -1,5 +1,5 @@
 """Pieces every decoder family shares: the Dense layers' dot, default positions, the layer stack (unrolled or
-nn.scan, with remat), and the padded-vocabulary logit mask."""
+nn.scan, with remat; every layer reads one `LayerInputs`, models/inputs.py), and the padded-vocabulary logit mask."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from aigc_jax.models.cache import KVCache
+from aigc_jax.models.inputs import LayerInputs
 from aigc_jax.sharding import gathering_dot
 
 REMAT_POLICIES = {
@@ -72,10 +73,10 @@ def row_dropout(module: nn.Module, x_BxN: jax.Array, rate: float, rows_B: jax.Ar
     return jnp.where(keep, x_BxN / (1.0 - rate), 0).astype(x_BxN.dtype)
 
 
-def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, mask_BxTxS, start, layer_args=None,
-               rows_B=None):
-    """Applies config.n_layer blocks: `block_cls(*block_args)(x, layer_kv, mask, start, rows) -> (x, new layer kv)`
-    (rows: each row's place in the global batch, for dropout masks; None = its index here).
+def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, inputs: LayerInputs,
+               layer_args=None):
+    """Applies config.n_layer blocks: `block_cls(*block_args)(x, layer_kv, inputs) -> (x, new layer kv)`, every
+    layer reading the same `inputs` (positions, masks, cache index, dropout rows, family extras).
 
     Unrolled (params `{prefix}_0`, `{prefix}_1`, …; each layer writes into the stacked cache in place) or, with
     `scan_layers`, one nn.scan (params under `prefix` with a leading layer axis; compile time flat in depth).
@@ -94,16 +95,15 @@ def run_blocks(block_cls, config, prefix: str, block_args: tuple, x_BxTxD, kv, m
             block_cls,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast),  # the cache is sliced per layer; the inputs are every layer's
             length=config.n_layer,
         )(*block_args, name=prefix)
         scanned_kv = None if kv is None else (*kv, None)
-        x_BxTxD, kv = blocks(x_BxTxD, scanned_kv, mask_BxTxS, start, rows_B)
+        x_BxTxD, kv = blocks(x_BxTxD, scanned_kv, inputs)
         return x_BxTxD, kv
     for i in range(config.n_layer):
         layer_kv = None if kv is None else (*kv, i)
-        x_BxTxD, new_kv = block_cls(*per_layer[i], name=f"{prefix}_{i}")(x_BxTxD, layer_kv, mask_BxTxS, start,
-                                                                          rows_B)
+        x_BxTxD, new_kv = block_cls(*per_layer[i], name=f"{prefix}_{i}")(x_BxTxD, layer_kv, inputs)
         kv = kv if new_kv is None else new_kv
     return x_BxTxD, kv
 

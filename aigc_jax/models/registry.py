@@ -10,8 +10,10 @@ A new family (say Qwen3) is a folder `aigc_jax/models/<name>/` whose `__init__.p
   `n_kv_head`, `head_dim`, `n_embd`, `tie_word_embeddings`) and the runtime keys of `models.base.RUNTIME_KEYS`,
   checked in `__post_init__` (`models.base.check_runtime`).
 - `decoder`: a Flax module class, `decoder(config)(tokens_BxT, positions_BxT=None, cache=None, mask_BxT=None,
-  train=False, rows_B=None) -> (fp32 logits [B, T, padded_vocab_size], cache)`; its layers named
-  `{layer_prefix}_{i}` (unrolled) or `{layer_prefix}` (scanned, a leading layer axis).
+  train=False, rows_B=None, segment_ids_BxT=None) -> (fp32 logits [B, T, padded_vocab_size], cache)`, where
+  segment ids (no cache) keep the examples packed into a row from attending to each other; its layers named
+  `{layer_prefix}_{i}` (unrolled) or `{layer_prefix}` (scanned, a leading layer axis), run by
+  `layers.run_blocks` with one `models.inputs.LayerInputs` built per call.
 - `param_axes`: one regex (over the "/"-joined unrolled path) -> logical axes per parameter (aigc_jax/sharding.py).
 - `lookup_params(config)`: parameters used by lookup, not matmul (left out of the 6N FLOPs).
 - `presets`: name -> config; names must not collide with another family's.

@@ -11,7 +11,9 @@ a tensor-parallel shard holds whole heads of q, k and v instead of a slice strad
 Dtypes: params in `param_dtype` (fp32), activations in the compute dtype (`dtype`; "auto" = bf16 on GPU/TPU,
 fp32 on CPU), attention softmax, logits and everything downstream in fp32. The vocabulary is padded to
 `padded_vocab_size`; the padded ids get the most negative fp32 logit so they never win an argmax, a sample or a
-beam. The KV cache and the attention mask are shared with every family (models/cache.py).
+beam. The KV cache and the attention mask are shared with every family (models/cache.py); the decoder builds
+one `LayerInputs` per call (models/inputs.py: positions, segment ids of packed examples, the mask, the cache index,
+dropout rows) and every block reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aigc_jax.models import layers
 from aigc_jax.models.base import compute_dtype
 from aigc_jax.models.gpt2.config import ModelConfig
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
+from aigc_jax.models.inputs import LayerInputs
 from aigc_jax.sharding import constrain, gathered
 
 LAYER_PREFIX = "h"  # layers are h_0, h_1, … (unrolled) or one stacked "h" (scan_layers)
@@ -93,11 +96,11 @@ class Block(nn.Module):
     train: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, layer_kv, mask_BxTxS, cache_index, rows_B):
+    def __call__(self, x_BxTxD, layer_kv, inputs: LayerInputs):
         cfg = self.config
-        drop = lambda x: layers.row_dropout(self, x, cfg.dropout, rows_B, not self.train)
+        drop = lambda x: layers.row_dropout(self, x, cfg.dropout, inputs.rows_B, not self.train)
         a_BxTxD, new_kv = CausalSelfAttention(cfg, self.backend, self.train, name="attn")(
-            _layer_norm(cfg, "ln_1")(x_BxTxD), layer_kv, mask_BxTxS, cache_index, rows_B
+            _layer_norm(cfg, "ln_1")(x_BxTxD), layer_kv, inputs
         )
         x_BxTxD = x_BxTxD + drop(a_BxTxD)
         x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxD)))
@@ -110,24 +113,25 @@ class CausalSelfAttention(nn.Module):
     train: bool
 
     @nn.compact
-    def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, cache_index, rows_B):
+    def __call__(self, h_BxTxD, layer_kv, inputs: LayerInputs):
         cfg = self.config
         B, T, D = h_BxTxD.shape
         H, Dh = cfg.n_head, cfg.head_dim
         qkv_BxTx3xHxD = constrain(_dense(self, cfg, (3, H, Dh), "c_attn")(h_BxTxD), ("batch", None, "qkv", "heads", None))
         q_BxTxHxD, k_BxTxHxD, v_BxTxHxD = (qkv_BxTx3xHxD[:, :, i] for i in range(3))
         k_BxHxDxT, v_BxHxTxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
-        new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, cache_index, q_BxTxHxD.dtype)
+        new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, inputs.cache_index,
+                                                       q_BxTxHxD.dtype)
         rate = cfg.attn_dropout if self.train else 0.0
         o_BxTxHxD = attention(
             q_BxTxHxD,
             k_BxHxDxS,
             v_BxHxSxD,
-            mask_BxTxS,
+            inputs.mask_BxTxS,
             backend=self.backend,
             dropout_rate=rate,
             dropout_rng=self.make_rng("dropout") if rate > 0 else None,
-            rows_B=rows_B,
+            rows_B=inputs.rows_B,
         )
         return _dense(self, cfg, D, "c_proj", _residual_std(cfg))(o_BxTxHxD.reshape(B, T, D)), new_kv
 
@@ -157,12 +161,15 @@ class Decoder(nn.Module):
         mask_BxT: jax.Array | None = None,
         train: bool = False,
         rows_B: jax.Array | None = None,
+        segment_ids_BxT: jax.Array | None = None,
     ):
         """tokens_BxT: int ids. positions_BxT: defaults to cache.index + 0..T-1 (left-padded batches pass
         cumsum(mask) - 1). mask_BxT: False marks padding tokens, which no query may attend to; None = all real.
         With `cache`, the T new keys/values are written at slots [index, index + T) and queries see every
         earlier position in the cache. Dropout (train=True) needs `rngs={"dropout": key}`; `rows_B` are the rows'
         places in the global batch, which (with the key) decide each row's dropout masks (default 0..B-1).
+        segment_ids_BxT: int ids of the examples packed into each row (no cache): a token attends only to tokens
+        of its own example, whose positions the caller restarts at 0.
         """
         cfg = self.config
         dtype, param_dtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
@@ -180,12 +187,14 @@ class Decoder(nn.Module):
         x_BxTxD = layers.row_dropout(self, x_BxTxD, cfg.dropout, rows_B, not train)
 
         kv, start, cache = layers.open_cache(cache, positions_BxT, mask_BxT)
-        mask_BxTxS = attention_mask(positions_BxT, mask_BxT, cache)
+        segment_ids_BxT = None if segment_ids_BxT is None else jnp.asarray(segment_ids_BxT)
+        mask_BxTxS = attention_mask(positions_BxT, mask_BxT, cache, segment_ids_BxT=segment_ids_BxT)
         backend = resolve_backend(
             cfg.attention, dtype, cfg.head_dim, needs_mask=mask_BxTxS is not None, dropout=train and cfg.attn_dropout > 0
         )
-        x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, mask_BxTxS, start,
-                                        rows_B=rows_B)
+        inputs = LayerInputs(positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT, cache_index=start,
+                             rows_B=rows_B, mask_BxTxS=mask_BxTxS)
+        x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, inputs)
 
         x_BxTxD = _layer_norm(cfg, "ln_f")(x_BxTxD)
         # Tied LM head; fp32 accumulation and output even when activations are bf16.

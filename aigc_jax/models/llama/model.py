@@ -14,6 +14,8 @@ What changes against GPT-2 (models/gpt2/model.py), and nothing else:
 Layouts: q/k/v kernels are [D, heads, Dh] and o_proj's [H, Dh, D] (HF's [out, in] Linear weights transposed and
 reshaped on import/export), so a tensor-parallel shard holds whole heads. `PARAM_AXES` names every dimension.
 It matches transformers' LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM (tests/test_llama.py).
+Every block reads one `LayerInputs` (models/inputs.py) built per call, which here also carries the sliding-window
+layers' mask and RoPE's cos/sin tables.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aigc_jax.models import layers
 from aigc_jax.models.base import compute_dtype
 from aigc_jax.models.llama.config import LlamaConfig
 from aigc_jax.models.cache import KVCache, attention_mask, update_layer
+from aigc_jax.models.inputs import LayerInputs
 from aigc_jax.sharding import constrain, gathered
 
 LAYER_PREFIX = "layers"  # layers_0, layers_1, … (unrolled) or one stacked "layers" (scan_layers)
@@ -120,7 +123,7 @@ class Attention(nn.Module):
     window: int | None  # this layer's sliding window (None: full causal attention)
 
     @nn.compact
-    def __call__(self, h_BxTxD, layer_kv, mask_BxTxS, rope, cache_index, rows_B):
+    def __call__(self, h_BxTxD, layer_kv, inputs: LayerInputs):
         cfg = self.config
         H, Hkv, Dh = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # Column-parallel projections: each tensor shard computes whole heads (and their KV heads).
@@ -129,13 +132,14 @@ class Attention(nn.Module):
                               ("batch", None, "kv_heads", None))
         v_BxTxHxD = constrain(_dense(self, (Hkv, Dh), "v_proj", cfg.qkv_bias)(h_BxTxD),
                               ("batch", None, "kv_heads", None))
-        q_BxTxHxD, k_BxTxHxD = apply_rope(q_BxTxHxD, *rope), apply_rope(k_BxTxHxD, *rope)
+        q_BxTxHxD, k_BxTxHxD = apply_rope(q_BxTxHxD, *inputs.rope), apply_rope(k_BxTxHxD, *inputs.rope)
         k_BxHxDxT, v_BxHxTxD = k_BxTxHxD.transpose(0, 2, 3, 1), v_BxTxHxD.transpose(0, 2, 1, 3)
-        new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, cache_index, q_BxTxHxD.dtype)
+        new_kv, (k_BxHxDxS, v_BxHxSxD) = update_layer(layer_kv, k_BxHxDxT, v_BxHxTxD, inputs.cache_index,
+                                                       q_BxTxHxD.dtype)
         rate = cfg.attn_dropout if self.train else 0.0
-        o_BxTxHxD = attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, mask_BxTxS, backend=self.backend, dropout_rate=rate,
-                              dropout_rng=self.make_rng("dropout") if rate > 0 else None, window=self.window,
-                              rows_B=rows_B)
+        o_BxTxHxD = attention(q_BxTxHxD, k_BxHxDxS, v_BxHxSxD, inputs.mask_for(self.window), backend=self.backend,
+                              dropout_rate=rate, dropout_rng=self.make_rng("dropout") if rate > 0 else None,
+                              window=self.window, rows_B=inputs.rows_B)
         return _dense(self, cfg.n_embd, "o_proj", cfg.o_bias, axis=(-2, -1))(o_BxTxHxD), new_kv
 
 
@@ -152,7 +156,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm block. `context` = (masks, rope): masks[0] for full attention, masks[1] for the window."""
+    """One pre-norm block; `window` (static, per layer) picks its attention mask out of the shared inputs."""
 
     config: LlamaConfig
     backend: str
@@ -160,13 +164,11 @@ class Block(nn.Module):
     window: int | None = None
 
     @nn.compact
-    def __call__(self, x_BxTxD, layer_kv, context, cache_index, rows_B):
+    def __call__(self, x_BxTxD, layer_kv, inputs: LayerInputs):
         cfg = self.config
-        (full_mask, window_mask), rope = context
-        mask_BxTxS = full_mask if self.window is None else window_mask
-        drop = lambda x: layers.row_dropout(self, x, cfg.dropout, rows_B, not self.train)
+        drop = lambda x: layers.row_dropout(self, x, cfg.dropout, inputs.rows_B, not self.train)
         a_BxTxD, new_kv = Attention(cfg, self.backend, self.train, self.window, name="self_attn")(
-            RMSNorm(cfg, name="input_layernorm")(x_BxTxD), layer_kv, mask_BxTxS, rope, cache_index, rows_B
+            RMSNorm(cfg, name="input_layernorm")(x_BxTxD), layer_kv, inputs
         )
         x_BxTxD = x_BxTxD + drop(a_BxTxD)
         x_BxTxD = x_BxTxD + drop(MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x_BxTxD)))
@@ -189,13 +191,14 @@ class Decoder(nn.Module):
 
     Same call as models/gpt2/model.Decoder: positions default to cache.index + 0..T-1 (left-padded batches pass
     cumsum(mask) - 1); mask_BxT False marks padding; with a cache the T new keys/values are written at
-    [index, index + T)."""
+    [index, index + T); segment_ids_BxT (no cache) packs examples into a row, each attending only to its own tokens
+    (positions restart at 0 per example)."""
 
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT=None, cache: KVCache | None = None, mask_BxT=None, train=False,
-                 rows_B=None):
+                 rows_B=None, segment_ids_BxT=None):
         cfg = self.config
         dtype, param_dtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
         embed = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype,
@@ -207,16 +210,19 @@ class Decoder(nn.Module):
         x_BxTxD = layers.row_dropout(self, x_BxTxD, cfg.dropout, rows_B, not train)
 
         kv, start, cache = layers.open_cache(cache, positions_BxT, mask_BxT)
-        full_mask = attention_mask(positions_BxT, mask_BxT, cache)
+        segment_ids_BxT = None if segment_ids_BxT is None else jnp.asarray(segment_ids_BxT)
+        full_mask = attention_mask(positions_BxT, mask_BxT, cache, segment_ids_BxT=segment_ids_BxT)
         backend = resolve_backend(cfg.attention, dtype, cfg.head_dim, needs_mask=full_mask is not None,
                                   dropout=train and cfg.attn_dropout > 0)
         window = next((w for w in cfg.windows if w is not None), None)
         # cuDNN applies the window itself (local_window_size); XLA reads it from the mask.
         window_mask = None if window is None or backend == "cudnn" else attention_mask(
-            positions_BxT, mask_BxT, cache, window)
-        context = ((full_mask, window_mask), rope_tables(cfg, positions_BxT, dtype))
-        x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, context, start,
-                                        layer_args=lambda i: (cfg.windows[i],), rows_B=rows_B)
+            positions_BxT, mask_BxT, cache, window, segment_ids_BxT)
+        inputs = LayerInputs(positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT, cache_index=start,
+                             rows_B=rows_B, mask_BxTxS=full_mask, window_mask_BxTxS=window_mask,
+                             rope=rope_tables(cfg, positions_BxT, dtype))
+        x_BxTxD, kv = layers.run_blocks(Block, cfg, LAYER_PREFIX, (cfg, backend, train), x_BxTxD, kv, inputs,
+                                        layer_args=lambda i: (cfg.windows[i],))
 
         x_BxTxD = RMSNorm(cfg, name="norm")(x_BxTxD)
         head_DxV = table_VxD.T if cfg.tie_word_embeddings else gathered(LMHead(cfg, name="lm_head")(),
