@@ -102,3 +102,31 @@ def test_segment_mask_is_never_the_plain_causal_none_and_refuses_a_cache():
     cache = model.KVCache.init(GPT2, 1, 8)
     with pytest.raises(ValueError, match="segment_ids_BxT"):
         attention_mask(positions, None, cache, segment_ids_BxT=jnp.ones((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-mixed-window"])
+def test_packed_batch_loss_is_the_sum_of_the_examples_losses(name):
+    """The training objective on packed rows ("positions", "segment_ids" in the batch, loss_mask off at example
+    boundaries and padding) sums exactly the next-token losses of the examples trained alone."""
+    from aigc_jax.train.step import loss_sums
+
+    config = CASES[name]
+    params = random_params(config, seed=4)
+    lengths = [n for row in PACKS for n in row]
+    rng = np.random.default_rng(5)
+    examples = [rng.integers(1, config.vocab_size, n) for n in lengths]
+    tokens, positions, segments = pack(examples, PACKS)
+    # Inputs are tokens[:, :-1] and targets tokens[:, 1:]: a prediction counts when its target is in the same example.
+    same = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] != PAD_SEGMENT)
+    batch = {"tokens": tokens, "loss_mask": same.astype(np.float32), "positions": positions[:, :-1],
+             "segment_ids": segments[:, :-1]}
+    nll, weight = jax.jit(loss_sums, static_argnums=2)(params, batch, config)
+
+    alone = np.zeros((len(examples), T), np.int32)
+    mask = np.zeros((len(examples), T - 1), np.float32)
+    for i, example in enumerate(examples):
+        alone[i, :len(example)] = example
+        mask[i, :len(example) - 1] = 1.0
+    ref_nll, ref_weight = jax.jit(loss_sums, static_argnums=2)(params, {"tokens": alone, "loss_mask": mask}, config)
+    assert float(weight) == float(ref_weight) == sum(n - 1 for n in lengths)
+    np.testing.assert_allclose(float(nll), float(ref_nll), rtol=1e-5)

@@ -5,7 +5,8 @@ data axis: the step sees its device's rows and reduces across devices by name. U
 (data, fsdp, tensor) mesh it is None: the step sees the whole batch and XLA partitions it by the shardings. A single
 device is the 1-device case of either. Batches are dicts: `tokens` int32 [B, T+1] and `loss_mask` float32 [B, T],
 where loss_mask[b, t] weights the prediction of tokens[b, t+1]; optional `stop` int32 [B] (a host's preemption flag,
-reduced so every host sees it at the same step).
+reduced so every host sees it at the same step); optional `positions` and `segment_ids` int32 [B, T] for rows that
+pack several examples.
 
 The objective is a function `(params, batch, config, train, dropout_rng) -> (summed loss, summed weight)`
 (`Objective`; `loss_sums`, next-token cross-entropy, by default). The step splits every batch field into
@@ -62,8 +63,11 @@ def loss_sums(params, batch: dict, config, train: bool = False, dropout_rng=None
     """The next-token objective: (sum of weighted next-token NLL, sum of weights) for one batch (`rows`: its rows'
     global places)."""
     tokens_BxT1 = batch["tokens"]
+    # Packed rows (several examples per row) carry "positions" and "segment_ids" [B, T] for the input tokens: each
+    # example then sees only itself, and its loss_mask leaves out the predictions across example boundaries.
     logits_BxTxV, _ = forward(params, tokens_BxT1[:, :-1], config, train=train, dropout_rng=dropout_rng,
-                              dropout_rows=batch.get("rows"))
+                              dropout_rows=batch.get("rows"), positions_BxT=batch.get("positions"),
+                              segment_ids_BxT=batch.get("segment_ids"))
     logp_BxTxV = jax.nn.log_softmax(logits_BxTxV)
     nll_BxT = -jnp.take_along_axis(logp_BxTxV, tokens_BxT1[:, 1:, None], axis=-1)[..., 0]
     w_BxT = batch["loss_mask"].astype(jnp.float32)
