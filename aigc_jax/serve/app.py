@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from aigc_jax.serve import schemas as S
-from aigc_jax.serve.handlers import ApiError, ChatCompletions, Completions
+from aigc_jax.serve.checks import ApiError
+from aigc_jax.serve.handlers import ChatCompletions, Completions
 from aigc_jax.serve.server import Server
 
 
