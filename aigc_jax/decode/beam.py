@@ -1,8 +1,8 @@
 """Beam search, step for step HF transformers' (v5) `_beam_search`, as a pure state -> state function.
 
 Per prompt b, with nb = num_beams and K = max(2, 1 + n_eos) * nb:
-1. every running beam's log-softmax (repetition-penalised over its prompt and tokens, EOS at -inf before
-   min_new_tokens) is added to its running score; the top K
+1. every running beam's log-softmax (sampling.process: repetition-penalised over its prompt and tokens, EOS at
+   -inf before min_new_tokens) is added to its running score; the top K
    of the nb·V continuations are kept (K > nb so that nb of them are still running even if many hit EOS);
 2. a continuation "hits" if its token is an EOS or it is the last allowed token;
 3. the best nb continuations that did not hit become the running beams (the cache rows follow them);
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from aigc_jax.decode.config import Strategy
-from aigc_jax.decode.sampling import Knobs, mark_seen, penalize, suppress_eos
+from aigc_jax.decode.sampling import Knobs, mark_seen, process
 from aigc_jax.models.cache import KVCache
 
 PENALTY = -1.0e9
@@ -106,8 +106,7 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
     t = state.step
 
     raw_RxV = jax.nn.log_softmax(logits_RxV, axis=-1)
-    log_probs_RxV = penalize(raw_RxV, state.seen_RxV, knobs.repetition_penalty) if strategy.use_penalty else raw_RxV
-    log_probs_RxV = suppress_eos(log_probs_RxV, knobs.eos_ids, t < knobs.min_new_tokens)
+    log_probs_RxV = process(raw_RxV, knobs, strategy.features, t, state.seen_RxV)
     acc_BxNbxV = log_probs_RxV.reshape(B, nb, V) + state.running_scores_BxNb[:, :, None]
     top_scores_BxK, top_idx_BxK = lax.top_k(acc_BxNbxV.reshape(B, nb * V), K)
     src_BxK, tok_BxK = top_idx_BxK // V, (top_idx_BxK % V).astype(jnp.int32)
@@ -123,7 +122,7 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
     running_BxNbxN = _gather(top_tokens_BxKxN, keep_BxNb)
     parent_BxNb = _gather(src_BxK, keep_BxNb)
     seen_RxV = state.seen_RxV
-    if strategy.use_penalty:  # each new beam inherits its parent's ids, plus its new token
+    if strategy.features.penalty:  # each new beam inherits its parent's ids, plus its new token
         seen_RxV = _gather(seen_RxV.reshape(B, nb, V), parent_BxNb).reshape(B * nb, V)
         seen_RxV = mark_seen(seen_RxV, running_BxNbxN[:, :, t].reshape(B * nb))
 
@@ -141,15 +140,8 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
     finished_lp_BxNbxN = merged(state.finished_lp_BxNbxN, top_lp_BxKxN)
     is_finished_BxNb = merged(state.is_finished_BxNb, just_finished_BxK)
 
-    # 5. HF's early-stop heuristic, evaluated with the new length t + 1.
-    use_max_len = knobs.early_stopping_never & (knobs.length_penalty > 0)
-    best_len = jnp.where(use_max_len, knobs.max_new_tokens, t + 1)
-    best_running_B = running_scores_BxNb[:, 0] / knobs.length_norm[best_len]
-    worst_finished_BxNb = jnp.where(
-        is_finished_BxNb, jnp.min(finished_scores_BxNb, axis=1, keepdims=True), PENALTY
-    )
-    improvable_B = state.improvable_B & jnp.any(best_running_B[:, None] > worst_finished_BxNb, axis=1)
-
+    improvable_B = state.improvable_B & _improvable(running_scores_BxNb, finished_scores_BxNb, is_finished_BxNb,
+                                                    knobs, t + 1)
     return state.replace(
         cache=state.cache.gather_groups(parent_BxNb),
         running_BxNbxN=running_BxNbxN,
@@ -163,3 +155,15 @@ def select(state: BeamState, logits_RxV, knobs: Knobs, strategy: Strategy) -> Be
         improvable_B=improvable_B,
         step=t + 1,
     )
+
+
+def _improvable(running_scores_BxNb, finished_scores_BxNb, is_finished_BxNb, knobs: Knobs, length) -> jax.Array:
+    """5. HF's early-stop heuristic, evaluated with the new length: [B] whether the best running beam can still
+    beat the worst finished hypothesis."""
+    use_max_len = knobs.early_stopping_never & (knobs.length_penalty > 0)
+    best_len = jnp.where(use_max_len, knobs.max_new_tokens, length)
+    best_running_B = running_scores_BxNb[:, 0] / knobs.length_norm[best_len]
+    worst_finished_BxNb = jnp.where(
+        is_finished_BxNb, jnp.min(finished_scores_BxNb, axis=1, keepdims=True), PENALTY
+    )
+    return jnp.any(best_running_B[:, None] > worst_finished_BxNb, axis=1)

@@ -175,30 +175,46 @@ def from_hf(hf: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Features:
+    """Which token-selection work is compiled in at all (sampling.select reads it at trace time): a sort, a second
+    softmax or a [rows, vocab] mask of the ids seen is paid for only when switched on. Offline generation compiles
+    one program per combination; the server compiles one with everything it offers and skips per step (lax.cond)."""
+
+    sample: bool = False  # draw tokens; False: argmax for every row
+    mixed: bool = False  # each row is greedy or samples (knobs.greedy); sampling runs only while a live row samples
+    top_k: bool = False
+    top_p: bool = False
+    min_p: bool = False
+    penalty: bool = False  # the loop state carries a [rows, vocab] mask of the ids seen
+    logprobs: bool = False  # the chosen tokens' log-probabilities are computed
+
+
+@dataclasses.dataclass(frozen=True)
 class Strategy:
     """The static (compile-time) part of a GenerationConfig; everything numeric travels as traced `Knobs`."""
 
     kind: str  # "greedy" | "sample" | "beam"
+    features: Features = Features()
     n_eos: int = 1
-    use_top_k: bool = False
-    use_top_p: bool = False
-    use_min_p: bool = False
-    use_penalty: bool = False  # the loop state carries a [rows, vocab] mask of the ids seen
-    logprobs: bool = False
     num_beams: int = 1
     num_return: int = 1  # beam search: the best num_return hypotheses of each prompt (sampling repeats rows)
 
     @classmethod
     def of(cls, gen: GenerationConfig) -> "Strategy":
         kind = gen.strategy_kind
+        sample = kind == "sample"
+        features = Features(
+            sample=sample,
+            top_k=sample and gen.top_k > 0,
+            top_p=sample and gen.top_p < 1,
+            min_p=sample and gen.min_p > 0,
+            penalty=gen.repetition_penalty != 1,
+            logprobs=gen.logprobs,
+        )
         return cls(
             kind=kind,
+            features=features,
             n_eos=max(1, len(gen.eos_ids)),  # see make_knobs: no EOS is encoded as one impossible id
-            use_top_k=kind == "sample" and gen.top_k > 0,
-            use_top_p=kind == "sample" and gen.top_p < 1,
-            use_min_p=kind == "sample" and gen.min_p > 0,
-            use_penalty=gen.repetition_penalty != 1,
-            logprobs=gen.logprobs,
             num_beams=gen.num_beams if kind == "beam" else 1,
             num_return=gen.num_return_sequences if kind == "beam" else 1,
         )

@@ -9,7 +9,7 @@
 
 Programs are global-view `jax.jit`s with these in/out shardings, traced with DECODE_RULES active so the models'
 `constrain` calls place the activations; XLA inserts the tensor-parallel all-reduces. The generator
-(generate.py) and the serving engine (serve/programs.py) both place and compile through here.
+(generate.py, `jit_programs`) and the serving engine (serve/programs.py) both place and compile through here.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def cache_shardings(mesh: Mesh, per_row: bool = False) -> KVCache:
 
 
 def state_shardings(cls, mesh: Mesh, per_row: bool = False):
-    """NamedShardings of a decode-state dataclass (generate.SampleState, beam.BeamState, serve's Slots): its
+    """NamedShardings of a decode-state dataclass (search.SampleState, beam.BeamState, serve's Slots): its
     `cache` as cache_shardings, `step` (a scalar) replicated, every other field split along its leading rows."""
     fields = {}
     for f in dataclasses.fields(cls):
@@ -90,3 +90,17 @@ def jit(fn, mesh: Mesh, in_shardings, out_shardings, donate_argnums=()):
     """`fn` as a global-view program on `mesh`, traced with the decode rules active."""
     return jax.jit(sharding.traced_with_rules(fn, mesh, RULES), in_shardings=in_shardings,
                    out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+
+def jit_programs(fns: dict, state_cls, mesh: Mesh, param_shardings) -> dict:
+    """program.Program's calls (`fns`: generate, prefill, run) as global-view jits on `mesh`: prompts, outputs and
+    the loop state split over rows, the cache also over heads, knobs replicated; the state is handed on (and
+    donated) whole."""
+    rows, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    state = state_shardings(state_cls, mesh)
+    batch_in = (param_shardings, rows, rows, rows, rep)
+    return {
+        "generate": jit(fns["generate"], mesh, batch_in, (rows, rows, rows)),
+        "prefill": jit(fns["prefill"], mesh, batch_in, state),
+        "run": jit(fns["run"], mesh, (param_shardings, state, rep, rep), state, donate_argnums=(1,)),
+    }

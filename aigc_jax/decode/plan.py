@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from aigc_jax import model, sharding
 from aigc_jax.decode import mesh as decode_mesh
 from aigc_jax.decode.config import GenerationConfig, Strategy, batch_bucket, bucket
-from aigc_jax.decode.generate import Program, decoding_config, mesh_programs
+from aigc_jax.decode.program import Program
 from aigc_jax.decode.sampling import make_knobs
+from aigc_jax.decode.step import decoding_config
 
 
 def _abstract(shapes, shardings):
@@ -49,7 +50,7 @@ def memory_report(config, mesh, batch: int, prompt_len: int, new_tokens: int, nu
     param_shardings = decode_mesh.param_shardings(cfg, shapes, mesh)
     params = _abstract(shapes, param_shardings)
     program = Program(cfg, Strategy.of(gen), N)
-    fns = mesh_programs(program, mesh, param_shardings)
+    fns = decode_mesh.jit_programs(program.calls(packed=False), program.search.state, mesh, param_shardings)
     rows_sharding = sharding.batch_sharding(mesh)
     prompts = (jax.ShapeDtypeStruct((rows, P), jnp.int32, sharding=rows_sharding),
                jax.ShapeDtypeStruct((rows, P), jnp.bool_, sharding=rows_sharding),

@@ -30,9 +30,10 @@ import jax
 import numpy as np
 
 from aigc_jax.decode import mesh as decode_mesh
-from aigc_jax.decode.generate import for_decoding
+from aigc_jax.decode.sampling import Knobs
+from aigc_jax.decode.step import for_decoding
 from aigc_jax.errors import UserError
-from aigc_jax.serve.programs import Programs, RowKnobs
+from aigc_jax.serve.programs import Programs, Schedule
 
 # Why a sequence ended: its EOS, its token budget, cancel() (or a stop string the caller found), engine shutdown.
 STOP, LENGTH, CANCELLED, SHUTDOWN = "stop", "length", "cancelled", "shutdown"
@@ -238,7 +239,7 @@ class Engine:
 
     def _warmup(self, score: bool, progress) -> None:
         # XLA compiles outside the GIL: several programs at once use the cores a lone compile leaves idle.
-        jobs = self.programs.warmup_jobs(self._slots, self._knobs(np.zeros(self.max_batch, bool), False), score)
+        jobs = self.programs.warmup_jobs(self._slots, *self._knobs(np.zeros(self.max_batch, bool), False), score)
         self._warming = [0, len(jobs)]
         with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="aigc-jax-compile") as pool:
             for _ in as_completed([pool.submit(job) for job in jobs]):
@@ -356,7 +357,8 @@ class Engine:
         self._slots = self.programs.prefill(self._slots, tokens, lengths, last, slot_rows)
         self._counts["prefills"] += 1
 
-    def _knobs(self, active: np.ndarray, stop_early: bool) -> RowKnobs:
+    def _knobs(self, active: np.ndarray, stop_early: bool) -> tuple[Knobs, Schedule]:
+        """Each slot's sampling knobs and the chunk's schedule; rows without an active sequence get neutral values."""
         B, V = self.max_batch, self.config.vocab_size
         budget, step, greedy, use_eos = np.zeros(B, np.int32), np.zeros(B, np.int32), np.ones(B, bool), np.ones(B, bool)
         temperature, top_k = np.ones(B, np.float32), np.full(B, V, np.int32)
@@ -375,10 +377,11 @@ class Engine:
             seed[i], row[i] = s.seed % 2**32, s.row
             use_eos[i] = not seq.ignore_eos
             logprobs |= seq.logprobs
-        return RowKnobs(active_B=active, budget_B=budget, step_B=step, greedy_B=greedy, temperature_B=temperature,
-                        top_k_B=top_k, top_p_threshold_B=top_p_threshold, seed_B=seed, row_B=row,
-                        eos_ids=self.eos_ids, use_eos_B=use_eos, n_steps=np.int32(self.chunk), stop_early=np.bool_(bool(self._waiting)),
-                        logprobs=np.bool_(logprobs))
+        knobs = Knobs(temperature=temperature, top_k=top_k, top_p_threshold=top_p_threshold, seed=seed, greedy=greedy,
+                      row=row, eos_ids=self.eos_ids)
+        schedule = Schedule(active_B=active, budget_B=budget, step_B=step, use_eos_B=use_eos,
+                            n_steps=np.int32(self.chunk), stop_early=np.bool_(stop_early), logprobs=np.bool_(logprobs))
+        return knobs, schedule
 
     def _decode(self) -> None:
         seqs = self._slot_seq
@@ -387,7 +390,7 @@ class Engine:
         reach = max(len(s.prompt) - 1 + s.generated for s in seqs if s is not None) + self.chunk
         span = self.programs.span_bucket(reach)
         rows = self.programs.rows_bucket(max(i for i, s in enumerate(seqs) if s is not None) + 1)
-        self._slots, chunk = self.programs.decode(self._slots, self._knobs(active, bool(self._waiting)), span, rows)
+        self._slots, chunk = self.programs.decode(self._slots, *self._knobs(active, bool(self._waiting)), span, rows)
         chunk = jax.device_get(chunk)
         self._counts["chunks"] += 1
         self._counts["steps"] += int(chunk.n_B.max(initial=0))
