@@ -11,8 +11,9 @@ import pytest
 
 from aigc_jax import configs, model
 from aigc_jax.decode import GenerationConfig, Generator
-from aigc_jax.serve.engine import (CANCELLED, LENGTH, SHUTDOWN, STOP, Engine, EngineClosed, QueueFull,
-                                   RequestError, Sampling, Scored, Sequence, Tokens)
+from aigc_jax.serve.engine import Engine
+from aigc_jax.serve.sequences import (CANCELLED, LENGTH, SHUTDOWN, STOP, EngineClosed, QueueFull, RequestError,
+                                      Sampling, Scored, Sequence, Tokens)
 from aigc_jax.prompts import TextStream
 from aigc_jax.train.step import loss_sums
 

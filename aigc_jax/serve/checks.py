@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import secrets
 
-from aigc_jax.serve.engine import Sampling
+from aigc_jax.serve.sequences import Sampling
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

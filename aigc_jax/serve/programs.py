@@ -19,6 +19,9 @@ Every program takes the params and the slot state as arguments, and `Programs` i
 (kept in decode/executables.py's bounded cache, shared by every engine in the process):
 on a (data, fsdp, tensor) mesh (`aigc-jax serve --mesh`) the params are placed tensor-parallel and the slot cache
 split over rows and heads as the offline Generator's (decode/mesh.py), and the programs jitted with those shardings.
+
+Just over 300 lines because the shape buckets and the programs compiled for them must agree: warm-up compiles
+exactly the (span, rows) and prompt buckets the calls later reach, and both are listed here.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from aigc_jax.errors import UserError
 from aigc_jax.prompts import TextStream
 from aigc_jax.serve import schemas as S
 from aigc_jax.serve.checks import ApiError, check_range
-from aigc_jax.serve.engine import (CANCELLED, LENGTH, STOP, EngineClosed, Finished, QueueFull, RequestError, Sampling,
-                                   Scored, Sequence, Tokens)
+from aigc_jax.serve.sequences import (CANCELLED, LENGTH, STOP, EngineClosed, Finished, QueueFull, RequestError,
+                                      Sampling, Scored, Sequence, Tokens)
 from aigc_jax.serve.server import Server
 
 

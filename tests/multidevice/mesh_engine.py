@@ -5,7 +5,8 @@ import json
 import sys
 import threading
 
-from aigc_jax.serve.engine import Engine, Sampling, Scored, Sequence, Tokens
+from aigc_jax.serve.engine import Engine
+from aigc_jax.serve.sequences import Sampling, Scored, Sequence, Tokens
 from multidevice.mesh_common import error, rng, tiny
 
 
