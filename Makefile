@@ -7,9 +7,9 @@ PY := $(VENV)/bin/python
 LOCK ?= .ci/constraints.txt
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(if $(wildcard $(LOCK)),-c $(LOCK))
 JOBS ?= 2
-# A test module's expensive fixtures (servers, HF models, the 8-device training runs) are built once: a module's
-# tests stay on one worker instead of each worker building the fixture again.
-DIST ?= loadfile
+# Tests sharing an expensive fixture (the server, HF models, the 8-device training runs) stay on one worker, which
+# builds it once; the others go to whichever worker is free (tests/conftest.py groups them).
+DIST ?= loadgroup
 
 .PHONY: demo test install install-test bench-cpu lock clean
 
