@@ -129,9 +129,9 @@ def test_a_new_objective_gets_accumulation_and_the_global_mean_from_the_step():
         nll, w = weighted_rows(p, b, TINY)
         return nll / w
 
-    loss, grads = jax.value_and_grad(global_mean)(params)
+    loss, grads = jax.jit(jax.value_and_grad(global_mean))(params)
     np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(grads)), rtol=1e-5)
-    expected, _ = opt.update(grads, opt.init(params), params)
+    expected, _ = jax.jit(opt.update)(grads, opt.init(params), params)
     jax.tree.map(lambda a, p, u: np.testing.assert_allclose(a, p + u, rtol=1e-4, atol=1e-6), new.params, params,
                  expected)
