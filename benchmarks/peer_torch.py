@@ -41,21 +41,15 @@ def build(cfg, dev: str, seed: int = 0):
     cfg.hf_model_type says; unpadded vocabulary: HF's own), SDPA attention, fp32 weights, on `dev`."""
     import transformers
 
-    torch = _torch()
-    if cfg.family == "llama":
-        from aigc_jax.models.llama import hf as hf_llama
+    from aigc_jax.models import registry
 
-        hf_config = transformers.AutoConfig.for_model(**{**hf_llama.config_to_hf(cfg, None, (), "float32"),
-                                                         "pad_token_id": 0})
-        cls = getattr(transformers, hf_llama.ARCHITECTURES[cfg.hf_model_type])
-    else:
-        hf_config = transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, activation_function=cfg.activation, layer_norm_epsilon=cfg.layer_norm_epsilon,
-            resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout,
-            bos_token_id=None, eos_token_id=None, pad_token_id=0,
-        )
-        cls = transformers.GPT2LMHeadModel
+    torch = _torch()
+    # The config.json our converter writes for this family (what `convert --to-hf` exports), so the peer is the HF
+    # model our weights load into; no tokenizer: no special token ids.
+    conversion = registry.for_config(cfg).hf
+    hf_config = transformers.AutoConfig.for_model(**{**conversion.export_config(cfg, None, "float32"),
+                                                     "pad_token_id": 0})
+    cls = getattr(transformers, conversion.architecture(cfg))
     torch.manual_seed(seed)
     with torch.device(dev):
         return cls._from_config(hf_config, attn_implementation="sdpa")
@@ -97,7 +91,8 @@ def train(cfg, batch: int, seq_len: int, *, compile: str | None = None, warmup: 
     if compile == "full":
         forward = torch.compile(model)
     elif compile == "regional":
-        for block in (model.model.layers if cfg.family == "llama" else model.transformer.h):
+        base = model.base_model  # the decoder stack: `layers` (Llama, Qwen2, Mistral) or `h` (GPT-2)
+        for block in getattr(base, "layers", None) or base.h:
             block.compile()
     elif compile is not None:
         raise ValueError(f"compile must be None, 'full' or 'regional', got {compile!r}")
