@@ -20,6 +20,14 @@ import pytest
 from conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
 from helpers.train_cli import TINY, final_params, popen_cli, snapshot, train_args
 
+@pytest.fixture(scope="module")
+def small_text(corpus, tmp_path_factory) -> dict:
+    """30 KB of the corpus: a final validation pass over its split is a few batches, not hundreds."""
+    root = tmp_path_factory.mktemp("small_text")
+    (root / "text.txt").write_text(open(corpus["data"]).read()[:30_000])
+    return {"data": str(root / "text.txt"), "data_dir": str(root / "data")}
+
+
 def wait_for_checkpoint(proc, workdir: Path, timeout=300) -> None:
     """Returns once some checkpoint step directory is committed (orbax renames it into place when done)."""
     deadline = time.time() + timeout
@@ -33,15 +41,20 @@ def wait_for_checkpoint(proc, workdir: Path, timeout=300) -> None:
     raise AssertionError("no checkpoint appeared in time")
 
 
-def test_resume_after_kill9_and_sigterm_is_bitwise_exact(corpus, tmp_path):
-    steps = ["--steps", "200", "--checkpoint-every", "10", "--lr", "3e-3", "--set", "dropout=0.1"]
-    ref = run_cli(*train_args(corpus, tmp_path / "ref", *steps))
+def test_resume_after_kill9_and_sigterm_is_bitwise_exact(small_text, tmp_path, capsys):
+    # Each save blocks the loop for a good part of a second: ten saves after the first one keep the run going
+    # well past the moment the test sees that first checkpoint.
+    train = ["--lr", "3e-3", "--set", "dropout=0.1"]
+    steps = ["--steps", "100", "--checkpoint-every", "10", *train]
+    # The reference needs no process of its own, and saving checkpoints does not change what it computes.
+    ref = cli_in_process(capsys, *train_args(small_text, tmp_path / "ref", "--steps", "100", "--checkpoint-every",
+                                             "0", *train))
     assert ref.returncode == 0, ref.stderr
     expected = final_params(tmp_path / "ref")
 
     for how in (signal.SIGKILL, signal.SIGTERM):
         workdir = tmp_path / how.name
-        proc = popen_cli(*train_args(corpus, workdir, *steps))
+        proc = popen_cli(*train_args(small_text, workdir, *steps))
         wait_for_checkpoint(proc, workdir)
         proc.send_signal(how)
         proc.wait(timeout=120)
@@ -52,8 +65,8 @@ def test_resume_after_kill9_and_sigterm_is_bitwise_exact(corpus, tmp_path):
             assert proc.returncode == 143, stderr
             assert "checkpoint saved" in (proc.stdout.read() + stderr)
         interrupted_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-        assert interrupted_at < 200, "the run finished before it was interrupted; nothing was resumed"
-        again = run_cli(*train_args(corpus, workdir, *steps))
+        assert interrupted_at < 100, "the run finished before it was interrupted; nothing was resumed"
+        again = cli_in_process(capsys, *train_args(small_text, workdir, *steps))
         assert again.returncode == 0, again.stderr
         assert "resumed from" in again.stdout + again.stderr
         got = final_params(workdir)
@@ -68,7 +81,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("mode", ["pmap", "shard_map", "mesh"])
-def test_two_processes_of_four_devices_equal_one_process_of_eight(corpus, tmp_path, mode):
+def test_two_processes_of_four_devices_equal_one_process_of_eight(small_text, tmp_path, mode):
+    corpus = small_text  # a short validation split: the final pass is a few batches
     args = ["--steps", "6", "--batch-size", "16", "--checkpoint-every", "3", "--parallel", mode]
     if mode == "mesh":  # FSDP and tensor parallelism across processes; data spans the hosts, tensor stays inside one
         args += ["--mesh", "data=2,fsdp=2,tensor=2", "--set", "n_head=4"]
@@ -94,20 +108,21 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(corpus, tmp_pa
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
-def test_loss_falls_well_below_unigram_entropy(shakespeare_path, tmp_path):
+def test_loss_falls_well_below_unigram_entropy(shakespeare_path, tmp_path, capsys):
     data = np.frombuffer(shakespeare_path.read_bytes(), np.uint8)
     p = np.bincount(data, minlength=256) / len(data)
     unigram_nats = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # ≈ 3.31
-    proc = run_cli("train", "--model", "tiny", "--set", "n_embd=64", "--set", "n_head=4", "--data", shakespeare_path,
-                   "--data-dir", tmp_path / "data", "--workdir", tmp_path / "run", "--steps", "150", "--batch-size",
-                   "16", "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "10", "--eval-every", "0",
-                   "--checkpoint-every", "0", "--no-progress")
+    proc = cli_in_process(capsys, "train", "--model", "tiny", "--set", "n_embd=64", "--set", "n_head=4", "--data",
+                          shakespeare_path, "--data-dir", tmp_path / "data", "--workdir", tmp_path / "run", "--steps",
+                          "150", "--batch-size", "16", "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "10",
+                          "--eval-every", "0", "--checkpoint-every", "0", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["val_loss"] < unigram_nats - 0.5, (result, unigram_nats)
 
 
-def test_eval_matches_an_independent_computation(corpus, tmp_path):
+def test_eval_matches_an_independent_computation(small_text, tmp_path, capsys):
+    corpus = small_text
     import jax
     import jax.numpy as jnp
 
@@ -115,8 +130,8 @@ def test_eval_matches_an_independent_computation(corpus, tmp_path):
     from aigc_jax.modeldir import load_workdir as load_inference
 
     workdir = tmp_path / "run"
-    assert run_cli(*train_args(corpus, workdir, "--steps", "5")).returncode == 0
-    proc = run_cli("eval", "--workdir", workdir, "--data-dir", corpus["data_dir"])
+    assert cli_in_process(capsys, *train_args(corpus, workdir, "--steps", "5")).returncode == 0
+    proc = cli_in_process(capsys, "eval", "--workdir", workdir, "--data-dir", corpus["data_dir"])
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     # Independently: every validation window once, plain numpy log-softmax over the real vocabulary.
@@ -134,17 +149,17 @@ def test_eval_matches_an_independent_computation(corpus, tmp_path):
     assert set(out) == {"loss", "perplexity", "bits_per_byte", "tokens"}
 
 
-def test_finetune_on_prompt_completion_from_a_checkpoint_and_an_hf_dir(corpus, tmp_path):
+def test_finetune_on_prompt_completion_from_a_checkpoint_and_an_hf_dir(small_text, tmp_path, capsys):
     base = tmp_path / "base"
-    assert run_cli(*train_args(corpus, base, "--steps", "5")).returncode == 0
+    assert cli_in_process(capsys, *train_args(small_text, base, "--steps", "5")).returncode == 0
     rows = [{"prompt": f"{w} -> ", "completion": w.upper()} for w in
             "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda omicron sigma omega".split() * 8]
     jsonl = tmp_path / "sft.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows))
     hf = tmp_path / "hf"
-    assert run_cli("convert", "--to-hf", base, "--out", hf).returncode == 0
+    assert cli_in_process(capsys, "convert", "--to-hf", base, "--out", hf).returncode == 0
     for name, src in (("from_ckpt", base), ("from_hf", hf)):
-        proc = run_cli("train", "--init-from", src, "--data", jsonl, "--data-dir", tmp_path / "data",
+        proc = cli_in_process(capsys, "train", "--init-from", src, "--data", jsonl, "--data-dir", tmp_path / "data",
                        "--workdir", tmp_path / name, "--steps", "30", "--batch-size", "8", "--seq-len", "32",
                        "--lr", "3e-3", "--warmup-steps", "0", "--eval-every", "0", "--no-progress", "--log-every", "1")
         assert proc.returncode == 0, proc.stderr
@@ -156,9 +171,13 @@ def test_finetune_on_prompt_completion_from_a_checkpoint_and_an_hf_dir(corpus, t
         assert run["model"]["n_embd"] == 32 and run["init_from"] == str(src)
 
 
-def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(corpus, tmp_path):
+def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(small_text, tmp_path, capfd):
+    # In this process, taken at the file descriptors (capfd): all a separate process would print. The corrupt
+    # checkpoint keeps a process of its own: what a failed restore leaves behind may print as the process ends.
+    corpus = small_text
     workdir = tmp_path / "run"
-    assert run_cli(*train_args(corpus, workdir, "--steps", "2", "--checkpoint-every", "1")).returncode == 0
+    first = cli_in_process(capfd, *train_args(corpus, workdir, "--steps", "2", "--checkpoint-every", "1"))
+    assert first.returncode == 0, first.stderr
     before = snapshot(workdir)
     cases = [
         (["--steps", "3", "--lr", "1e-2"], "train.lr"),  # a different run in the same workdir
@@ -173,12 +192,12 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(corpus, tmp_path
         (["--steps", "3", "--tokenizer", "wordpiece"], "--tokenizer"),
     ]
     for extra, needle in cases:
-        assert_one_line_error(run_cli(*train_args(corpus, workdir, *extra)), needle)
+        assert_one_line_error(cli_in_process(capfd, *train_args(corpus, workdir, *extra)), needle)
     missing = ["train", *TINY, "--data", str(tmp_path / "missing.txt"), "--workdir", str(workdir), "--steps", "3"]
-    assert_one_line_error(run_cli(*missing), "missing.txt")
+    assert_one_line_error(cli_in_process(capfd, *missing), "missing.txt")
     no_source = ["train", *TINY[2:], "--data", corpus["data"], "--workdir", tmp_path / "fresh", "--init-from",
                  tmp_path / "nope"]
-    assert_one_line_error(run_cli(*no_source), "does not exist")
+    assert_one_line_error(cli_in_process(capfd, *no_source), "does not exist")
     assert not (tmp_path / "fresh").exists()
     assert snapshot(workdir) == before
 
@@ -195,7 +214,7 @@ def test_bad_input_is_one_line_and_leaves_the_workdir_untouched(corpus, tmp_path
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    assert_one_line_error(run_cli(*train_args(corpus, other, "--steps", "2")), "not empty")
+    assert_one_line_error(cli_in_process(capfd, *train_args(corpus, other, "--steps", "2")), "not empty")
     assert snapshot(other) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
 
 
@@ -220,10 +239,6 @@ def tensorboard_scalars(directory: Path) -> dict:
     return out
 
 
-@pytest.fixture
-def small_text(corpus, tmp_path) -> dict:
-    (tmp_path / "text.txt").write_text(open(corpus["data"]).read()[:30_000])
-    return {"data": str(tmp_path / "text.txt"), "data_dir": str(tmp_path / "data")}
 
 
 def test_outside_a_terminal_a_run_prints_plain_lines_and_feeds_tensorboard(small_text, tmp_path):

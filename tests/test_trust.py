@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 from conftest import cli_in_process as cli
+from helpers.cli_calls import run_calls
 from helpers.train_cli import final_params, popen_cli, snapshot, train_args
 
 from aigc_jax import data
@@ -38,9 +39,11 @@ def _signal_when(proc, ready, sig, timeout=300) -> bool:
     return False
 
 
-def test_a_start_killed_at_any_instant_reruns_with_the_same_command(corpus, tmp_path):
+def test_a_start_killed_at_any_instant_reruns_with_the_same_command(text, tmp_path, capsys):
     """Signals at each stage of a start — still importing, the run files just written (data loaded, compiling),
-    the checkpoint directory made (first steps) — and the same command then finishes the run."""
+    the checkpoint directory made (first steps) — and the same command then finishes the run (here, in this
+    process: only the killed start needs a process of its own)."""
+    corpus = text
     args = ["--steps", "30", "--checkpoint-every", "10"]
     stages = [
         ("starting", lambda w: True, signal.SIGTERM),
@@ -53,7 +56,7 @@ def test_a_start_killed_at_any_instant_reruns_with_the_same_command(corpus, tmp_
         proc = popen_cli(*train_args(corpus, workdir, *args))
         assert _signal_when(proc, lambda: ready(workdir), sig), f"{stage}: the run finished before the signal"
         assert proc.returncode != 0, stage
-        again = run_cli(*train_args(corpus, workdir, *args))
+        again = cli(capsys, *train_args(corpus, workdir, *args))
         assert again.returncode == 0, (stage, sig, again.stderr[-2000:])
         assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == 30, stage
 
@@ -63,7 +66,7 @@ def test_a_start_killed_at_any_instant_reruns_with_the_same_command(corpus, tmp_
     {"model.json": "{}", "tokenizer.json.tmp-123": "partial"},  # killed while writing the run files
     {"model.json": "{}", "tokenizer.json": "{}", "run.json.tmp-9": "{", "checkpoints/x.orbax-checkpoint-tmp-1/": None},
 ])
-def test_leftovers_of_a_killed_start_are_started_over(corpus, tmp_path, leftovers):
+def test_leftovers_of_a_killed_start_are_started_over(text, tmp_path, capsys, leftovers):
     workdir = tmp_path / "w"
     for name, content in leftovers.items():
         path = workdir / name
@@ -72,28 +75,29 @@ def test_leftovers_of_a_killed_start_are_started_over(corpus, tmp_path, leftover
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content)
-    proc = run_cli(*train_args(corpus, workdir, "--steps", "2"))
+    proc = cli(capsys, *train_args(text, workdir, "--steps", "2"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((workdir / "run.json").read_text())["train"]["steps"] == 2
 
 
-def test_a_users_files_are_never_taken_for_leftovers(corpus, tmp_path):
+def test_a_users_files_are_never_taken_for_leftovers(text, tmp_path, capfd):
     workdir = tmp_path / "w"
     (workdir / "checkpoints").mkdir(parents=True)
     (workdir / "notes.md").write_text("mine")
-    assert_one_line_error(run_cli(*train_args(corpus, workdir, "--steps", "2")), "not empty")
+    assert_one_line_error(cli(capfd, *train_args(text, workdir, "--steps", "2")), "not empty")
     assert sorted(os.listdir(workdir)) == ["checkpoints", "notes.md"]
 
 
 # ------------------------------------------------------------------------------------------ fine-tune settings
 
 
-def test_finetune_keeps_the_sources_settings_and_only_what_was_set(corpus, tmp_path):
+def test_finetune_keeps_the_sources_settings_and_only_what_was_set(text, tmp_path, capfd):
+    corpus = text
     base = tmp_path / "base"  # `tiny` trains without dropout; the default preset (baby) has 0.2
-    assert run_cli(*train_args(corpus, base, "--steps", "3")).returncode == 0
+    assert cli(capfd, *train_args(corpus, base, "--steps", "3")).returncode == 0
 
     def finetune(workdir, *extra, steps="2"):
-        return run_cli("train", "--init-from", base, "--data", corpus["data"], "--data-dir", corpus["data_dir"],
+        return cli(capfd, "train", "--init-from", base, "--data", corpus["data"], "--data-dir", corpus["data_dir"],
                        "--steps", steps, "--batch-size", "8", "--seq-len", "32", "--eval-every", "0", "--no-progress",
                        "--workdir", workdir, *extra)
 
@@ -126,6 +130,12 @@ def small_data(corpus, tmp_path_factory) -> dict:
     words = [w for w in open(__file__).read().split() if len(w) <= 6][:200]
     (root / "sft.jsonl").write_text("\n".join(json.dumps({"prompt": f"{w}:", "completion": w[::-1]}) for w in words))
     return {"text": str(root / "text.txt"), "jsonl": str(root / "sft.jsonl"), "data_dir": str(root / "data")}
+
+
+@pytest.fixture(scope="module")
+def text(small_data) -> dict:
+    """`train_args`' data: the 30 KB text, so that each run's final validation pass is a few batches."""
+    return {"data": small_data["text"], "data_dir": small_data["data_dir"]}
 
 
 def _train_losses(workdir) -> dict:
@@ -188,14 +198,14 @@ def test_a_new_run_without_flags_gets_the_defaults(tmp_path):
 # ------------------------------------------------------------------------------------------ resume checks content
 
 
-def test_resume_refuses_different_content_at_the_same_path(corpus, tmp_path):
+def test_resume_refuses_different_content_at_the_same_path(corpus, tmp_path, capfd):
     text = tmp_path / "text.txt"
     text.write_text(open(corpus["data"]).read()[:60_000])
     args = ["train", "--model", "tiny", "--batch-size", "4", "--seq-len", "16", "--eval-every", "0", "--no-progress",
             "--data", text, "--data-dir", tmp_path / "d", "--workdir", tmp_path / "w", "--checkpoint-every", "1"]
-    assert run_cli(*args, "--steps", "2").returncode == 0
+    assert cli(capfd, *args, "--steps", "2").returncode == 0
     text.write_text(open(corpus["data"]).read()[60_000:120_000])  # other text, same path
-    assert_one_line_error(run_cli(*args, "--steps", "4"), "now holds different tokens", "data_hash")
+    assert_one_line_error(cli(capfd, *args, "--steps", "4"), "now holds different tokens", "data_hash")
 
     rows = [{"prompt": f"{w}:", "completion": w[::-1]} for w in "ab cd ef gh ij kl mn op qr st".split()]
     jsonl = tmp_path / "sft.jsonl"
@@ -204,9 +214,9 @@ def test_resume_refuses_different_content_at_the_same_path(corpus, tmp_path):
            "--seq-len", "16", "--eval-every", "0", "--no-progress", "--workdir", tmp_path / "sft", "--checkpoint-every",
            "1"]
     text.write_text(open(corpus["data"]).read()[:60_000])
-    assert run_cli(*sft, "--steps", "2").returncode == 0
-    jsonl.write_text("\n".join(json.dumps(r) for r in rows[:9]))  # the issue's case: 9 examples instead of 7
-    assert_one_line_error(run_cli(*sft, "--steps", "4"), "now holds different tokens")
+    assert cli(capfd, *sft, "--steps", "2").returncode == 0
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows[:9]))  # 9 examples instead of 7
+    assert_one_line_error(cli(capfd, *sft, "--steps", "4"), "now holds different tokens")
 
 
 def test_resume_reads_the_workdirs_tokenizer_and_checks_its_hash(corpus, tmp_path, monkeypatch):
@@ -230,14 +240,14 @@ def test_resume_reads_the_workdirs_tokenizer_and_checks_its_hash(corpus, tmp_pat
         loop.prepare(str(tmp_path / "w"), tiny, cfg, str(text), str(tmp_path / "d"), "char")
 
 
-def test_checkpoint_meta_is_validated_on_restore(corpus, tmp_path):
+def test_checkpoint_meta_is_validated_on_restore(text, tmp_path, capfd):
     workdir = tmp_path / "w"
-    args = train_args(corpus, workdir, "--checkpoint-every", "1")
-    assert run_cli(*args, "--steps", "2").returncode == 0
+    args = train_args(text, workdir, "--checkpoint-every", "1")
+    assert cli(capfd, *args, "--steps", "2").returncode == 0
     meta = workdir / "checkpoints" / "2" / "meta" / "metadata"
     record = json.loads(meta.read_text())
     meta.write_text(json.dumps({**record, "seed": 7}))  # e.g. a checkpoint copied in from another run
-    assert_one_line_error(run_cli(*args, "--steps", "3"), "belongs to another run", "seed=7")
+    assert_one_line_error(cli(capfd, *args, "--steps", "3"), "belongs to another run", "seed=7")
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -257,13 +267,13 @@ def test_wsd_and_constant_schedules():
     assert float(cos[0](1000)) == pytest.approx(6.0e-5) and float(cos[1](1000)) == pytest.approx(3.52e-4, rel=1e-2)
 
 
-def test_growing_steps_says_what_happens_to_the_lr(corpus, tmp_path):
-    args = train_args(corpus, tmp_path / "cos", "--checkpoint-every", "2", "--warmup-steps", "1")
-    assert run_cli(*args, "--steps", "4").returncode == 0
-    longer = run_cli(*args, "--steps", "8")
+def test_growing_steps_says_what_happens_to_the_lr(text, tmp_path, capsys):
+    args = train_args(text, tmp_path / "cos", "--checkpoint-every", "2", "--warmup-steps", "1")
+    assert cli(capsys, *args, "--steps", "4").returncode == 0
+    longer = cli(capsys, *args, "--steps", "8")
     assert longer.returncode == 0, longer.stderr
     assert "--steps 4 -> 8 changes the cosine schedule: the lr at step 4 moves from" in longer.stdout
-    same = run_cli(*args, "--steps", "8")
+    same = cli(capsys, *args, "--steps", "8")
     assert same.returncode == 0 and "changes the" not in same.stdout  # nothing changed, nothing said
 
 
@@ -283,17 +293,19 @@ def test_periodic_validation_samples_the_whole_split():
     assert sum(int(b["loss_mask"].sum()) for b in full) == windows * 10  # more batches than exist: a complete pass
 
 
-def test_eval_batch_size_overrides_the_micro_batch(corpus, tmp_path):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+def test_eval_batch_size_overrides_the_micro_batch(text, tmp_path):
     workdir = tmp_path / "w"
-    proc = run_cli(*train_args(corpus, workdir, "--steps", "2", "--grad-accum", "2", "--batch-size", "4"), env=env)
+    evaluate = ["eval", "--workdir", workdir, "--data-dir", text["data_dir"]]
+    # Two devices need a process of their own; the four commands share it.
+    proc, ok, full, bad = run_calls(
+        train_args(text, workdir, "--steps", "2", "--grad-accum", "2", "--batch-size", "4"),
+        [*evaluate, "--batch-size", "2"], evaluate, [*evaluate, "--batch-size", "3"],
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert proc.returncode == 0, proc.stderr
-    ok = run_cli("eval", "--workdir", workdir, "--data-dir", corpus["data_dir"], "--batch-size", "2", env=env)
     assert ok.returncode == 0, ok.stderr  # 2 rows over 2 devices (it divided by grad_accum before: 1 row)
-    full = run_cli("eval", "--workdir", workdir, "--data-dir", corpus["data_dir"], env=env)
+    assert full.returncode == 0, full.stderr
     assert json.loads(ok.stdout)["loss"] == pytest.approx(json.loads(full.stdout)["loss"], rel=1e-5)
-    assert_one_line_error(run_cli("eval", "--workdir", workdir, "--data-dir", corpus["data_dir"], "--batch-size", "3",
-                                  env=env), "multiple of 2")
+    assert_one_line_error(bad, "multiple of 2")
 
 
 # ------------------------------------------------------------------------------------------ compile cache
@@ -315,7 +327,8 @@ def test_a_second_process_reuses_the_compiled_programs(tmp_path):
     assert off.returncode == 0 and off.stdout == first.stdout and not (tmp_path / "unused").exists()
 
 
-def test_final_params_unaffected_by_the_compile_cache(corpus, tmp_path):
+def test_final_params_unaffected_by_the_compile_cache(text, tmp_path):
+    corpus = text
     """Executables read back from the cache compute exactly what freshly compiled ones do."""
     env = {"AIGC_COMPILE_CACHE": str(tmp_path / "cache")}
     for name in ("cold", "warm"):
