@@ -11,22 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.env import with_test_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
-# Every test process (this one, its workers and the subprocesses they start) compiles with LLVM's optimisation off:
-# about a third less compile time on these tiny programs, whose run time is negligible. Both sides of every
-# comparison run under the same flags; a test that sets XLA_FLAGS itself gets this flag added (with_test_flags).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-
-
-def with_test_flags(env: dict) -> dict:
-    """`env` with TEST_XLA_FLAGS in its XLA_FLAGS."""
-    flags = env.get("XLA_FLAGS", "")
-    return env if TEST_XLA_FLAGS in flags else {**env, "XLA_FLAGS": f"{TEST_XLA_FLAGS} {flags}".strip()}
-
-
+# Every test process (this one, its workers and what they start) compiles with the same XLA flags (helpers/env.py).
 os.environ.update(with_test_flags(dict(os.environ)))
 
 

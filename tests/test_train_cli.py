@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
+from helpers.env import with_test_flags
 from helpers.train_cli import TINY, final_params, popen_cli, snapshot, train_args
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,9 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(small_text, tm
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "AIGC_COORDINATOR": f"localhost:{port}", "AIGC_NUM_PROCESSES": "2", "AIGC_PROCESS_ID": str(pid)}
+        env = with_test_flags({**os.environ, "JAX_PLATFORMS": "cpu",
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "AIGC_COORDINATOR": f"localhost:{port}",
+                               "AIGC_NUM_PROCESSES": "2", "AIGC_PROCESS_ID": str(pid)})
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "aigc_jax", *train_args(corpus, tmp_path / "two", *args, "--distributed")],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -12,6 +12,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from helpers.env import with_test_flags
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,9 +23,9 @@ def run_calls(*calls, env: dict | None = None, timeout: float = 600) -> list[sub
     calls = [[str(a) for a in argv] for argv in calls]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
-        full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {}),
-                    "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT),
-                                                   *filter(None, [os.environ.get("PYTHONPATH")])])}
+        full_env = with_test_flags({**os.environ, "JAX_PLATFORMS": "cpu", **(env or {}),
+                                    "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT),
+                                                                   *filter(None, [os.environ.get("PYTHONPATH")])])})
         proc = subprocess.run([sys.executable, "-m", "helpers.cli_calls", json.dumps(calls), str(out)],
                               capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
         if proc.returncode != 0 or not out.is_file():
