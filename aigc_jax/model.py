@@ -32,19 +32,10 @@ def init_params(config, rng: jax.Array) -> Params:
     return family(config).decoder(config).init({"params": rng}, tokens)["params"]
 
 
-def forward(
-    params: Params,
-    tokens_BxT: jax.Array,
-    config,
-    *,
-    positions_BxT: jax.Array | None = None,
-    cache: KVCache | None = None,
-    mask_BxT: jax.Array | None = None,
-    train: bool = False,
-    dropout_rng: jax.Array | None = None,
-    dropout_rows: jax.Array | None = None,
-    segment_ids_BxT: jax.Array | None = None,
-):
+def forward(params: Params, tokens_BxT: jax.Array, config, *, positions_BxT: jax.Array | None = None,
+            cache: KVCache | None = None, mask_BxT: jax.Array | None = None, train: bool = False,
+            dropout_rng: jax.Array | None = None, dropout_rows: jax.Array | None = None,
+            segment_ids_BxT: jax.Array | None = None):
     """`(logits_BxTxV, cache)`; a plain function so it can be jitted, pmapped or differentiated directly.
     Dropout (train=True) draws row b's masks from (dropout_rng, dropout_rows[b]): pass each row's place in the
     global batch and every batch layout draws the same masks (default: 0..B-1).
