@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, run_cli, run_module
+from helpers.env import with_test_flags
 
 MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"]
 GPT2 = {"preset": "tiny", "model": {"n_head": 8, "n_embd": 64, "dropout": 0.1, "attn_dropout": 0.1}}
@@ -228,8 +229,9 @@ def _free_port() -> int:
 def _two_hosts(args, port):
     procs = []
     for pid in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-               "AIGC_COORDINATOR": f"127.0.0.1:{port}", "AIGC_NUM_PROCESSES": "2", "AIGC_PROCESS_ID": str(pid)}
+        env = with_test_flags({**os.environ, "JAX_PLATFORMS": "cpu",
+                               "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "AIGC_COORDINATOR": f"127.0.0.1:{port}",
+                               "AIGC_NUM_PROCESSES": "2", "AIGC_PROCESS_ID": str(pid)})
         procs.append(subprocess.Popen([sys.executable, "-m", "aigc_jax", *map(str, args), "--distributed"], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
