@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 LOCK ?= .ci/constraints.txt
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(if $(wildcard $(LOCK)),-c $(LOCK))
 JOBS ?= 2
-# Tests sharing an expensive fixture (the server, HF models, the 8-device training runs) stay on one worker, which
-# builds it once; the others go to whichever worker is free (tests/conftest.py groups them).
-DIST ?= loadgroup
+# A test module's expensive fixtures (servers, HF models, the 8-device training runs) are built once: a module's
+# tests stay on one worker instead of each worker building the fixture again. (pytest-xdist's loadgroup, which could
+# spread single tests, does not group under pytest 9: it renames node ids through an attribute pytest 9 dropped.)
+DIST ?= loadfile
 
 .PHONY: demo test install install-test bench-cpu lock clean
 

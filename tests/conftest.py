@@ -120,35 +120,3 @@ def corpus(tmp_path_factory) -> dict:
     text = "\n".join(p.read_text() for p in sorted((ROOT / "aigc_jax").rglob("*.py")))
     (root / "corpus.txt").write_text(text)
     return {"data": str(root / "corpus.txt"), "data_dir": str(root / "data")}
-
-
-# ------------------------------------------------------------------------------------------------ scheduling
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist's loadgroup keeps on one worker")
-
-
-# Modules whose tests mostly run their own subprocesses (training runs, 8-device scripts): their tests share
-# nothing but a few data files, so they spread over the workers. Every other module's tests share jitted programs
-# or fixtures in-process and stay together.
-SPREAD_MODULES = {"test_train_cli", "test_trust", "test_sharding", "test_train_step", "test_mesh_decode",
-                  "test_experiments", "test_cli_errors"}
-CHEAP_FIXTURES = {"corpus", "small_data"}  # a few files and a token cache: cheaper to build twice than to queue
-
-
-def pytest_collection_modifyitems(config, items):
-    """With `--dist loadgroup` (make test): the tests of a module stay on one worker (its fixtures and jitted
-    programs are built once), the session fixtures' users (the server) on one worker too, and the tests of
-    SPREAD_MODULES that share no expensive fixture go to whichever worker is free, so the long subprocess tests
-    do not queue behind the rest of their module while the other worker idles."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        names = info.name2fixturedefs.items() if info is not None else ()
-        # Ours only (pytest's own session fixtures, e.g. tmp_path_factory, cost nothing to share).
-        scopes = {defs[-1].scope for name, defs in names if defs and defs[-1].baseid and name not in CHEAP_FIXTURES}
-        module = item.module.__name__
-        if "session" in scopes:
-            item.add_marker(pytest.mark.xdist_group("session"))
-        elif module not in SPREAD_MODULES or "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(module))
