@@ -20,6 +20,19 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 os.environ.update(with_test_flags(dict(os.environ)))
 
 
+def _without_persistent_cache_here() -> None:
+    """The pytest processes compile for themselves (their in-memory jit caches are shared by their tests); only the
+    processes they start share JAX's persistent compile cache. A worker reading an entry of that cache that other
+    processes were writing at the same time crashed once (a segfault inside JAX's cache read), taking every test
+    left on that worker with it."""
+    from aigc_jax import compile_cache
+
+    compile_cache.enable(disabled=True)
+
+
+_without_persistent_cache_here()
+
+
 def python_module(name: str, *args, env: dict | None = None) -> tuple[list[str], dict]:
     """The command line and environment of `python -m NAME ARGS…` for a module under tests/ (multidevice.*,
     isolated.*): tests/ and the checkout are on its path."""
