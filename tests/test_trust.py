@@ -328,8 +328,8 @@ def test_a_second_process_reuses_the_compiled_programs(tmp_path):
 
 
 def test_final_params_unaffected_by_the_compile_cache(text, tmp_path):
-    corpus = text
     """Executables read back from the cache compute exactly what freshly compiled ones do."""
+    corpus = text
     env = {"AIGC_COMPILE_CACHE": str(tmp_path / "cache")}
     for name in ("cold", "warm"):
         assert run_cli(*train_args(corpus, tmp_path / name, "--steps", "3"), env=env).returncode == 0
